@@ -1,0 +1,224 @@
+"""AR generator: patches in raster order with causal attention (LlamaGen-style blocks)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import KVCache, attend, init_weights, merge_heads, patchify, run_blocks, split_heads, unpatchify
+
+# (quirk) The official AR blocks hard-code these, whatever the dropout flags say; the
+# pretrained weights were trained with them.
+AR_RESID_DROPOUT = 0.1
+AR_FFN_DROPOUT = 0.1
+ROPE_BASE = 10000.0
+
+
+def find_multiple(n, k):
+    return n if n % k == 0 else n + k - n % k
+
+
+def rope_2d_table(grid_size, head_dim, num_prefix_tokens=1, base=ROPE_BASE):
+    """Rotary table (num_prefix_tokens + grid_size**2, head_dim // 2, 2) of (cos, sin).
+
+    The first half of each head rotates with the patch row, the second half with the
+    column; frequency j is base^(-4j/head_dim). (quirk) The prefix (condition) rows are
+    all zeros, not the identity rotation: the condition token's q and k become zero.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D rotary embedding needs a head size divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float32) * 4 / head_dim)  # (hd/4,)
+    angles = torch.outer(torch.arange(grid_size, dtype=torch.float32), freqs)  # (g, hd/4)
+    rows = angles[:, None, :].expand(grid_size, grid_size, quarter)
+    cols = angles[None, :, :].expand(grid_size, grid_size, quarter)
+    grid = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, 2 * quarter)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1)  # (g*g, hd/2, 2)
+    prefix = torch.zeros(num_prefix_tokens, 2 * quarter, 2)
+    return torch.cat([prefix, table], dim=0)
+
+
+def apply_rope(x, table):
+    """x: (B, T, nh, hd); table: (T, hd/2, 2). Rotates channel pairs (2j, 2j+1) in float32."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, nh, hd/2, 2)
+    cos = table[None, :, None, :, 0]
+    sin = table[None, :, None, :, 1]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class CausalRopeAttention(nn.Module):
+    """Causal attention with 2-D rotary q/k (LlamaGen names: `wqkv`, `wo`, no biases)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(AR_RESID_DROPOUT)
+
+    def forward(self, x, rope, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.wqkv(x).split(D, dim=-1)
+        hd = D // self.num_heads
+        q = apply_rope(q.view(B, T, self.num_heads, hd), rope).transpose(1, 2)  # (B, nh, T, hd)
+        k = apply_rope(k.view(B, T, self.num_heads, hd), rope).transpose(1, 2)
+        v = split_heads(v, self.num_heads)
+        # attention-probability dropout is 0 in the official AR
+        out = merge_heads(attend(q, k, v, causal=True, cache=cache))
+        return self.resid_dropout(self.wo(out))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(AR_FFN_DROPOUT)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class ARBlock(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        hidden = find_multiple(int(2 * 4 * dim / 3), 256)
+        self.attention = CausalRopeAttention(dim, num_heads)
+        self.feed_forward = SwiGLU(dim, hidden)
+        self.attention_norm = RMSNorm(dim)
+        self.ffn_norm = RMSNorm(dim)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache=cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class AR(nn.Module):
+    """Raster-order autoregressive generator over the patches of one level.
+
+    Sequence: [cond_emb(cond_list[0]), patch_0, ..., patch_{L-1}]; the output at position i
+    conditions patch i at the next level.
+    """
+
+    def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
+                 grad_checkpointing=False, **unused_mar_options):
+        super().__init__()
+        self.seq_len = seq_len
+        self.patch_size = patch_size
+        self.grid_size = int(round(seq_len ** 0.5))
+        self.grad_checkpointing = grad_checkpointing
+
+        self.patch_emb = nn.Linear(3 * patch_size ** 2, embed_dim)
+        self.patch_emb_ln = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + 1, embed_dim))
+        self.cond_emb = nn.Linear(cond_embed_dim, embed_dim)
+        self.blocks = nn.ModuleList([ARBlock(embed_dim, num_heads) for _ in range(num_blocks)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.register_buffer("rope", rope_2d_table(self.grid_size, embed_dim // num_heads),
+                             persistent=False)
+        nn.init.normal_(self.pos_embed_learned, std=0.02)
+        self.apply(init_weights)
+
+    def embed(self, tokens, start):
+        """tokens: (B, T, D) embeddings placed at positions start..start+T-1."""
+        x = tokens + self.pos_embed_learned[:, start:start + tokens.shape[1]]
+        return self.patch_emb_ln(x)
+
+    def forward(self, imgs, cond_list):
+        """imgs: (B, 3, H, W); cond_list[0]: (B, C).
+        Returns patches (B*L, 3, p, p), [conditions (B*L, D)] and a zero guiding loss."""
+        patches = patchify(imgs, self.patch_size)  # (B, L, 3p^2)
+        B, L, _ = patches.shape
+        x = torch.cat([self.cond_emb(cond_list[0]).unsqueeze(1), self.patch_emb(patches)], dim=1)
+        x = self.embed(x, 0)  # (B, L+1, D)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=self.rope)
+        x = self.norm(x)[:, :L]  # output i conditions patch i
+        next_patches = patches.reshape(B * L, 3, self.patch_size, self.patch_size)
+        return next_patches, [x.reshape(B * L, -1)], x.new_zeros(())
+
+    @torch.no_grad()
+    def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
+               next_level_sample_function, visualize=False, known=None, known_mask=None):
+        """Generate L patches one at a time (num_iter is ignored: AR always takes L steps).
+
+        cond_list[0]: (B, C), or (2B, C) when cfg != 1 (rows 0..B-1 conditional,
+        B..2B-1 unconditional); both halves see the same generated patches. Each step
+        feeds one token through the blocks thanks to a key/value cache.
+        known / known_mask: optional (B, 3, H, W) values and bools; fully known patches
+        are taken as they are, partly known ones recurse with their known part.
+        Returns (B, 3, H, W) normalised images.
+        """
+        guided = cfg != 1.0
+        cond = cond_list[0]
+        B = cond.shape[0] // 2 if guided else cond.shape[0]
+        p, L = self.patch_size, self.seq_len
+        # float32 whatever the autocast dtype: the values must survive the round trip to 0..255
+        patches = torch.zeros(B, L, 3 * p * p, device=cond.device)
+        known_patches, known_patch_mask = split_known(known, known_mask, p)
+        caches = [KVCache(max_len=L + 1) for _ in self.blocks]
+        x = self.cond_emb(cond).unsqueeze(1)  # (rows, 1, D): position 0 is the condition
+        for step in range(L):
+            rope = self.rope[step:step + 1]
+            h = run_blocks(self.blocks, self.embed(x, step), caches=caches, rope=rope)
+            h = self.norm(h)[:, 0]  # (rows, D): condition for patch `step`
+            if cfg_schedule == "linear":
+                cfg_iter = 1 + (cfg - 1) * (step + 1) / L
+            else:
+                cfg_iter = cfg
+            patches[:, step] = sample_patches(
+                next_level_sample_function, [h], cfg_iter, temperature, filter_threshold, p,
+                known_patches, known_patch_mask, (slice(None), step), guided)
+            if visualize:
+                visualize(unpatchify(patches, p, self.grid_size), step + 1, L)
+            new_token = self.patch_emb(patches[:, step])
+            x = torch.cat([new_token, new_token]) if guided else new_token
+            x = x.unsqueeze(1)
+        return unpatchify(patches, p, self.grid_size)
+
+
+def split_known(known, known_mask, patch_size):
+    """Patchify optional known values/mask: -> (B, L, 3p^2) each, or (None, None)."""
+    if known is None:
+        return None, None
+    mask = known_mask.expand_as(known).to(known.dtype)
+    return patchify(known, patch_size), patchify(mask, patch_size).bool()
+
+
+def sample_patches(next_level, cond_list, cfg, temperature, filter_threshold, patch_size,
+                   known_patches, known_patch_mask, index, guided):
+    """Sample the patches at `index` of the (B, L, 3p^2) patch grid with the next level.
+
+    cond_list holds the rows for exactly those patches (conditional rows first, then the
+    unconditional twins when `guided`). Fully known patches are copied instead of sampled;
+    partly known ones pass their known pixels down. Returns (N, 3p^2).
+    """
+    p = patch_size
+    if known_patches is None:
+        out = next_level(cond_list=cond_list, cfg=cfg, temperature=temperature,
+                         filter_threshold=filter_threshold)
+        return out.reshape(out.shape[0], -1)
+    values = known_patches[index]  # (N, 3p^2)
+    mask = known_patch_mask[index]
+    todo = ~mask.all(dim=-1)  # patches with something left to generate
+    out = values.clone()
+    if todo.any():
+        rows = torch.cat([todo, todo]) if guided else todo
+        sub = next_level(cond_list=[c[rows] for c in cond_list], cfg=cfg, temperature=temperature,
+                         filter_threshold=filter_threshold,
+                         known=values[todo].reshape(-1, 3, p, p),
+                         known_mask=mask[todo].reshape(-1, 3, p, p))
+        out[todo] = sub.reshape(sub.shape[0], -1).to(out.dtype)
+    return out

@@ -1,0 +1,391 @@
+"""FractalGen: generators nested level by level down to a per-pixel head.
+
+Level L splits its image into patches of size img_size_list[L+1]; its generator (AR or MAR)
+produces one condition per patch, and the next level -- another FractalGen, or the
+`PixelLoss` head at the last level -- models each patch given its condition.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+
+from .ar import AR
+from .layers import PIXEL_MEAN, PIXEL_STD
+from .mar import MAR
+from .pixelloss import PixelLoss
+
+GENERATORS = {"ar": AR, "mar": MAR}
+NUM_LEVEL0_CONDS = 5  # level 0 hands five references to the class embedding to its generator
+MAX_DEFAULT_ITERS = 64
+
+
+class CheckpointMismatchError(ValueError):
+    """A state_dict that does not fit the model's architecture."""
+
+
+class FractalGen(nn.Module):
+    def __init__(self, img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
+                 generator_type_list, label_drop_prob=0.1, class_num=1000, attn_dropout=0.1,
+                 proj_dropout=0.1, guiding_pixel=False, num_conds=1, r_weight=1.0,
+                 grad_checkpointing=False, fractal_level=0):
+        super().__init__()
+        if fractal_level == 0:
+            validate_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
+                            generator_type_list, num_conds, guiding_pixel, class_num)
+        self.fractal_level = fractal_level
+        self.num_fractal_levels = len(img_size_list)
+        self.img_size_list = tuple(img_size_list)
+        L = fractal_level
+
+        if L == 0:
+            self.class_num = class_num
+            self.label_drop_prob = label_drop_prob
+            self.class_emb = nn.Embedding(class_num, embed_dim_list[0])
+            self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim_list[0]))
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+            nn.init.normal_(self.fake_latent, std=0.02)
+
+        generator_cls = GENERATORS[generator_type_list[L]]
+        self.generator = generator_cls(
+            seq_len=(img_size_list[L] // img_size_list[L + 1]) ** 2,
+            patch_size=img_size_list[L + 1],
+            cond_embed_dim=embed_dim_list[L - 1] if L > 0 else embed_dim_list[0],
+            embed_dim=embed_dim_list[L],
+            num_blocks=num_blocks_list[L],
+            num_heads=num_heads_list[L],
+            attn_dropout=attn_dropout,
+            proj_dropout=proj_dropout,
+            guiding_pixel=guiding_pixel and L > 0,
+            num_conds=num_conds,
+            grad_checkpointing=grad_checkpointing,
+        )
+        if L < self.num_fractal_levels - 2:
+            self.next_fractal = FractalGen(
+                img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
+                label_drop_prob=label_drop_prob, class_num=class_num, attn_dropout=attn_dropout,
+                proj_dropout=proj_dropout, guiding_pixel=guiding_pixel, num_conds=num_conds,
+                r_weight=r_weight, grad_checkpointing=grad_checkpointing, fractal_level=L + 1)
+        else:
+            self.next_fractal = PixelLoss(
+                c_channels=embed_dim_list[L], width=embed_dim_list[L + 1],
+                depth=num_blocks_list[L + 1], num_heads=num_heads_list[L + 1], r_weight=r_weight)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def img_size(self):
+        return self.img_size_list[self.fractal_level]
+
+    @property
+    def num_generator_levels(self):
+        return self.num_fractal_levels - 1 - self.fractal_level
+
+    def levels(self):
+        """This FractalGen and every nested one, top to bottom."""
+        level = self
+        while isinstance(level, FractalGen):
+            yield level
+            level = level.next_fractal
+
+    def default_num_iter_list(self):
+        return tuple(min(level.generator.seq_len, MAX_DEFAULT_ITERS) for level in self.levels())
+
+    def check_images(self, imgs):
+        if imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}) for this "
+                             f"model, got {tuple(imgs.shape)}; resize the data or pick the model "
+                             f"built for that size")
+
+    def check_labels(self, labels):
+        if labels.dtype.is_floating_point or labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.class_num):
+            raise ValueError(f"labels must lie in [0, {self.class_num}) for this model (class_num="
+                             f"{self.class_num}); got values from {labels.min().item()} to {labels.max().item()}")
+
+    def class_condition(self, labels):
+        """(B,) labels -> (B, D) class embedding with label dropout (training) or the
+        unconditional `fake_latent` for every sample (eval: unconditional likelihood)."""
+        emb = self.class_emb(labels)
+        fake = self.fake_latent.to(emb.dtype).expand_as(emb)
+        if not self.training:
+            return fake
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
+        return torch.where(drop.unsqueeze(-1), fake, emb)
+
+    # ------------------------------------------------------------------ training / NLL
+    def forward(self, imgs, labels):
+        """imgs: (B, 3, H, W) ImageNet-normalised; labels: (B,) class ids at level 0 (a
+        condition list at deeper levels). Returns the scalar loss in nats per sub-pixel;
+        in eval mode the unconditional NLL (plus guiding-pixel terms where present)."""
+        if self.fractal_level == 0:
+            self.check_images(imgs)
+            self.check_labels(labels)
+            cond_list = [self.class_condition(labels)] * NUM_LEVEL0_CONDS
+        else:
+            cond_list = labels
+        patches, cond_list, guiding_loss = self.generator(imgs, cond_list)
+        return self.next_fractal(patches, cond_list) + guiding_loss
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, cond_list, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold,
+               fractal_level, visualize=False, known=None, known_mask=None):
+        """Official sampling API.
+
+        cond_list: conditions (B, C) for this level (level 0: five references to the class
+        embedding); with cfg != 1 every condition holds 2B rows, 0..B-1 conditional and
+        B..2B-1 unconditional (`fake_latent` at level 0). num_iter_list: one iteration
+        count per generator level. Deeper levels always use the constant schedule with the
+        cfg their parent hands them. visualize: False, or a callable(images (B, 3, H, W)
+        normalised, step, total) called after every step of this level.
+        known / known_mask (additions): (B, 3, H, W) pixels to keep and where.
+        Returns (B, 3, H, W) ImageNet-normalised images on the k/255 grid.
+        """
+        if len(num_iter_list) != self.num_fractal_levels - 1:
+            raise ValueError(f"num_iter_list needs one entry per generator level "
+                             f"({self.num_fractal_levels - 1}), got {list(num_iter_list)}")
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        if isinstance(self.next_fractal, FractalGen):
+            next_level = functools.partial(self.next_fractal.sample, num_iter_list=num_iter_list,
+                                           cfg_schedule="constant", fractal_level=fractal_level + 1)
+        else:
+            next_level = self.next_fractal.sample
+        if visualize is True:
+            visualize = False  # the official flag drives Colab widgets; pass a callable instead
+        return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule,
+                                     temperature, filter_threshold, next_level, visualize,
+                                     known=known, known_mask=known_mask)
+
+    @torch.no_grad()
+    def generate(self, labels, num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0,
+                 filter_threshold=1e-4, known=None, known_mask=None, progress=None):
+        """Class labels in, uint8 images out.
+
+        labels: (B,) ints (tensor or list). known: optional uint8 (B, 3, H, W) image and
+        known_mask: bool broadcastable to it (True = keep that pixel/channel exactly); the
+        rest is generated conditioned on it (inpainting, outpainting, uncropping, editing).
+        progress: optional callable(images uint8 (B, 3, H, W), step, total) after each
+        top-level step. Returns uint8 (B, 3, H, W) on the model's device.
+        """
+        device = self.fake_latent.device
+        labels = torch.as_tensor(labels, device=device)
+        if labels.ndim == 0:
+            labels = labels.unsqueeze(0)
+        self.check_labels(labels)
+        num_iter_list = tuple(num_iter_list or self.default_num_iter_list())
+        B, S = labels.shape[0], self.img_size
+        known_norm = mask = None
+        if known is not None:
+            known_norm, mask = prepare_known(known, known_mask, B, S, device)
+
+        was_training = self.training
+        self.eval()
+        try:
+            emb = self.class_emb(labels)
+            if cfg != 1.0:
+                emb = torch.cat([emb, self.fake_latent.expand(B, -1)])
+            visualize = False
+            if progress is not None:
+                visualize = lambda imgs, step, total: progress(to_uint8(imgs), step, total)
+            imgs = self.sample([emb] * NUM_LEVEL0_CONDS, num_iter_list, cfg, cfg_schedule, temperature,
+                               filter_threshold, fractal_level=0, visualize=visualize,
+                               known=known_norm, known_mask=mask)
+        finally:
+            self.train(was_training)
+        return to_uint8(imgs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As nn.Module's, but a checkpoint of another configuration raises
+        CheckpointMismatchError naming the keys and shapes that differ."""
+        if strict:
+            check_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# ---------------------------------------------------------------------- functions
+def to_uint8(imgs):
+    """ImageNet-normalised (B, 3, H, W) -> uint8 pixel values."""
+    mean = torch.tensor(PIXEL_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=imgs.device).view(1, 3, 1, 1)
+    return ((imgs.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(imgs):
+    """uint8 (B, 3, H, W) -> ImageNet-normalised float32."""
+    mean = torch.tensor(PIXEL_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs.float() / 255 - mean) / std
+
+
+def prepare_known(known, known_mask, batch, size, device):
+    """Validate a known image and mask for conditional generation -> (normalised values,
+    bool mask), both (B, 3, S, S)."""
+    known = torch.as_tensor(known, device=device)
+    if known.dtype != torch.uint8:
+        raise ValueError(f"known must be a uint8 image tensor (B, 3, H, W) of pixel values, got {known.dtype}")
+    if known.ndim == 3:
+        known = known.unsqueeze(0)
+    if known.shape[1:] != (3, size, size) or known.shape[0] not in (1, batch):
+        raise ValueError(f"known must have shape ({batch} or 1, 3, {size}, {size}), got {tuple(known.shape)}")
+    if known_mask is None:
+        raise ValueError("known_mask is required with known: True where a pixel (or channel) is given")
+    mask = torch.as_tensor(known_mask, device=device).bool()
+    try:
+        mask = torch.broadcast_to(mask, (batch, 3, size, size))
+    except RuntimeError:
+        raise ValueError(f"known_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"({batch}, 3, {size}, {size})") from None
+    return from_uint8(known.expand(batch, -1, -1, -1)), mask.contiguous()
+
+
+def validate_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
+                    generator_type_list, num_conds, guiding_pixel, class_num):
+    """Reject a configuration the architecture cannot run, before building anything."""
+    n = len(img_size_list)
+    lists = dict(embed_dim_list=embed_dim_list, num_blocks_list=num_blocks_list,
+                 num_heads_list=num_heads_list, generator_type_list=generator_type_list)
+    for name, values in lists.items():
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries but img_size_list has {n}; give one per level")
+    if n < 2:
+        raise ValueError("img_size_list needs at least two levels, e.g. (64, 4, 1)")
+    if img_size_list[-1] != 1:
+        raise ValueError(f"the last entry of img_size_list must be 1 (the pixel level), got {img_size_list[-1]}")
+    for size, sub in zip(img_size_list, img_size_list[1:]):
+        if size % sub:
+            raise ValueError(f"img_size_list {list(img_size_list)}: {size} is not divisible by {sub}")
+    for L, kind in enumerate(generator_type_list[:-1]):
+        if kind not in GENERATORS:
+            raise ValueError(f"generator type {kind!r} at level {L} is unknown; choose 'ar' or 'mar'")
+        if embed_dim_list[L] % num_heads_list[L]:
+            raise ValueError(f"embed_dim_list[{L}]={embed_dim_list[L]} is not divisible by num_heads_list[{L}]={num_heads_list[L]}")
+        if kind == "ar" and (embed_dim_list[L] // num_heads_list[L]) % 4:
+            raise ValueError(f"AR level {L} needs a head size divisible by 4 for its 2-D rotary embedding; "
+                             f"{embed_dim_list[L]}/{num_heads_list[L]} is not")
+        if kind == "ar" and guiding_pixel and L > 0:
+            raise ValueError(f"guiding_pixel is only supported by MAR levels; level {L} is AR")
+        if L > 0 and kind == "mar" and generator_type_list[L - 1] == "ar" and num_conds > 1:
+            raise ValueError(f"a MAR level with num_conds={num_conds} cannot sit below an AR level (level "
+                             f"{L - 1} hands down one condition); use num_conds=1 or make level {L - 1} MAR")
+    if not 1 <= num_conds <= NUM_LEVEL0_CONDS:
+        raise ValueError(f"num_conds must be between 1 and {NUM_LEVEL0_CONDS}, got {num_conds}")
+    if embed_dim_list[-1] % num_heads_list[-1]:
+        raise ValueError(f"the pixel head width {embed_dim_list[-1]} is not divisible by {num_heads_list[-1]} heads")
+    if class_num < 1:
+        raise ValueError(f"class_num must be positive, got {class_num}")
+
+
+def check_state_dict(model, state_dict):
+    """Raise CheckpointMismatchError listing what differs between a state_dict and the model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+    if not (missing or unexpected or wrong_shape):
+        return
+
+    def show(keys, fmt):
+        listed = ", ".join(fmt(k) for k in keys[:5])
+        return listed + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = []
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} shape mismatch(es): " +
+                     show(wrong_shape, lambda k: f"{k} checkpoint {list(given[k])} vs model {list(expected[k])}"))
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint: " + show(missing, str))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: " + show(unexpected, str))
+    raise CheckpointMismatchError(
+        "checkpoint does not match this model configuration (was it saved from another --model, "
+        "img_size, num_conds or guiding_pixel?): " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------- named configurations
+def fractalar_in64(**kwargs):
+    kwargs.setdefault("num_conds", 1)
+    kwargs.setdefault("guiding_pixel", False)
+    return FractalGen(img_size_list=(64, 4, 1), embed_dim_list=(1024, 512, 128), num_blocks_list=(32, 8, 3),
+                      num_heads_list=(16, 8, 4), generator_type_list=("ar", "ar", "ar"), **kwargs)
+
+
+def fractalmar_in64(**kwargs):
+    kwargs.setdefault("num_conds", 5)
+    kwargs.setdefault("guiding_pixel", False)
+    return FractalGen(img_size_list=(64, 4, 1), embed_dim_list=(1024, 512, 128), num_blocks_list=(32, 8, 3),
+                      num_heads_list=(16, 8, 4), generator_type_list=("mar", "mar", "ar"), **kwargs)
+
+
+def fractalmar_base_in256(**kwargs):
+    kwargs.setdefault("num_conds", 5)
+    kwargs.setdefault("guiding_pixel", True)
+    return FractalGen(img_size_list=(256, 16, 4, 1), embed_dim_list=(768, 384, 192, 64),
+                      num_blocks_list=(24, 6, 3, 1), num_heads_list=(12, 6, 3, 4),
+                      generator_type_list=("mar", "mar", "mar", "ar"), **kwargs)
+
+
+def fractalmar_large_in256(**kwargs):
+    kwargs.setdefault("num_conds", 5)
+    kwargs.setdefault("guiding_pixel", True)
+    return FractalGen(img_size_list=(256, 16, 4, 1), embed_dim_list=(1024, 512, 256, 64),
+                      num_blocks_list=(32, 8, 4, 1), num_heads_list=(16, 8, 4, 4),
+                      generator_type_list=("mar", "mar", "mar", "ar"), **kwargs)
+
+
+def fractalmar_huge_in256(**kwargs):
+    kwargs.setdefault("num_conds", 5)
+    kwargs.setdefault("guiding_pixel", True)
+    return FractalGen(img_size_list=(256, 16, 4, 1), embed_dim_list=(1280, 640, 320, 64),
+                      num_blocks_list=(40, 10, 5, 1), num_heads_list=(16, 8, 4, 4),
+                      generator_type_list=("mar", "mar", "mar", "ar"), **kwargs)
+
+
+def _tiny(generator_type_list, **kwargs):
+    config = dict(img_size_list=(16, 4, 1), embed_dim_list=(64, 32, 16), num_blocks_list=(2, 1, 1),
+                  num_heads_list=(4, 2, 2), generator_type_list=generator_type_list)
+    config.update(kwargs)
+    return FractalGen(**config)
+
+
+def fractalar_tiny(**kwargs):
+    """A ~0.2M-parameter AR model for 16x16 images: CPU experiments and tests."""
+    kwargs.setdefault("num_conds", 1)
+    return _tiny(("ar", "ar", "ar"), **kwargs)
+
+
+def fractalmar_tiny(**kwargs):
+    """A ~0.15M-parameter MAR model for 16x16 images: CPU experiments and tests."""
+    kwargs.setdefault("num_conds", 5)
+    return _tiny(("mar", "mar", "ar"), **kwargs)
+
+
+MODELS = {
+    "fractalar_in64": fractalar_in64,
+    "fractalmar_in64": fractalmar_in64,
+    "fractalmar_base_in256": fractalmar_base_in256,
+    "fractalmar_large_in256": fractalmar_large_in256,
+    "fractalmar_huge_in256": fractalmar_huge_in256,
+    "fractalar_tiny": fractalar_tiny,
+    "fractalmar_tiny": fractalmar_tiny,
+}
+
+# Sampling settings of the official evaluation commands (FID-50K in the official README).
+DEFAULT_SAMPLING = {
+    "fractalar_in64": dict(num_iter_list=(64, 16), cfg=11.0, cfg_schedule="linear", temperature=1.03, filter_threshold=1e-4),
+    "fractalmar_in64": dict(num_iter_list=(64, 16), cfg=6.5, cfg_schedule="linear", temperature=1.02, filter_threshold=1e-4),
+    "fractalmar_base_in256": dict(num_iter_list=(64, 16, 16), cfg=29.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
+    "fractalmar_large_in256": dict(num_iter_list=(64, 16, 16), cfg=21.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
+    "fractalmar_huge_in256": dict(num_iter_list=(64, 16, 16), cfg=19.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
+    "fractalar_tiny": dict(num_iter_list=(16, 16), cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4),
+    "fractalmar_tiny": dict(num_iter_list=(16, 16), cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4),
+}
+
+
+def create_model(name, **kwargs):
+    """Build a named configuration; unknown names raise with the list of choices."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

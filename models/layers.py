@@ -1,0 +1,169 @@
+"""Transformer pieces shared by the AR and MAR generators and the pixel head.
+
+One attention kernel (`attend`, PyTorch SDPA with an optional key/value cache), one
+timm-style block (used bidirectionally by MAR and causally by the pixel head), one
+weight init and one patchify live here. The AR generator's LlamaGen block differs for
+real (RMSNorm, SwiGLU, rotary embedding) and lives in `ar.py`, but calls `attend` too.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ImageNet statistics: every pixel tensor in this project is normalised with them.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+def patchify(imgs, patch_size):
+    """(B, 3, H, W) -> (B, (H/p)*(W/p), 3*p*p); patches in raster order, each token laid
+    out as (channel, row, column)."""
+    B, C, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)
+    x = torch.einsum("bchpwq->bhwcpq", x)  # (B, h, w, C, p, p)
+    return x.reshape(B, h * w, C * p * p)
+
+
+def unpatchify(tokens, patch_size, grid_size):
+    """(B, h*w, 3*p*p) -> (B, 3, h*p, w*p); the inverse of `patchify` for a square grid."""
+    B = tokens.shape[0]
+    p, h = patch_size, grid_size
+    x = tokens.reshape(B, h, h, 3, p, p)
+    x = torch.einsum("bhwcpq->bchpwq", x)  # (B, 3, h, p, w, p)
+    return x.reshape(B, 3, h * p, h * p)
+
+
+def init_weights(module):
+    """Xavier-uniform Linear weights with zero bias; LayerNorm to identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class KVCache:
+    """Keys and values of one attention layer, grown one step at a time while sampling.
+
+    Sampling-time state only: the sampler creates one per layer and drops it afterwards,
+    so nothing is left on the module.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """k, v: (B, nh, T, hd) for the new tokens -> all keys and values so far."""
+        T = k.shape[2]
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        if self.length + T > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {self.length + T} tokens > {self.max_len}")
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+def split_heads(x, num_heads):
+    """(B, T, nh*hd) -> (B, nh, T, hd)"""
+    B, T, D = x.shape
+    return x.view(B, T, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, nh, T, hd) -> (B, T, nh*hd)"""
+    B, nh, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hd)
+
+
+def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
+    """Scaled dot-product attention over (B, nh, T, hd) tensors, scale 1/sqrt(hd).
+
+    With a cache, k and v of the new tokens are appended first. A causal cached call is
+    either a prefill (empty cache, causal mask over the new tokens) or one new token that
+    sees everything before it (no mask needed).
+    """
+    if cache is not None:
+        first = cache.length == 0
+        k, v = cache.append(k, v)
+        if causal and not first:
+            if q.shape[2] != 1:
+                raise ValueError("a cached causal step must feed exactly one new token")
+            causal = False
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+class Attention(nn.Module):
+    """timm-style multi-head self-attention (`qkv`, `proj`), causal or bidirectional."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, causal=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.causal = causal
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)  # its p is handed to SDPA
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, cache=None):
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        p = self.attn_drop.p if self.training else 0.0
+        x = merge_heads(attend(q, k, v, self.causal, p, cache))
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm naming)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with timm parameter names (norm1, attn, norm2, mlp)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, causal=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop,
+                              proj_drop=proj_drop, causal=causal)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.norm1(x), cache=cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks, x, use_checkpoint=False, caches=None, **block_kwargs):
+    """Apply `blocks` in turn; recompute activations in backward when `use_checkpoint`
+    (training only; sampling passes `caches`, one per block)."""
+    for i, block in enumerate(blocks):
+        if caches is not None:
+            x = block(x, cache=caches[i], **block_kwargs)
+        elif use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False, **block_kwargs)
+        else:
+            x = block(x, **block_kwargs)
+    return x

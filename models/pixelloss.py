@@ -1,0 +1,150 @@
+"""PixelLoss: the per-pixel head that models the 256-way r, g, b values autoregressively."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import PIXEL_MEAN, PIXEL_STD, Block, KVCache, init_weights, run_blocks
+
+NUM_LEVELS = 256  # 8-bit pixel values
+
+
+class MlmLayer(nn.Module):
+    """Logits against a tied codebook: h @ codebook^T + bias (the bias is the only weight)."""
+
+    def __init__(self, vocab_size=NUM_LEVELS):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, vocab_size))
+
+    def forward(self, h, codebook):
+        return h @ codebook.t() + self.bias
+
+
+class PixelLoss(nn.Module):
+    """A 4-token causal transformer over [condition, r, g, b].
+
+    Position 0 predicts red from the condition, position 1 green (having seen red),
+    position 2 blue. Each channel has its own codebook, tied between input embedding and
+    output logits.
+    """
+
+    def __init__(self, c_channels, width, depth, num_heads, r_weight=1.0):
+        super().__init__()
+        self.r_weight = r_weight
+        # not in the state_dict: the official checkpoints do not hold them
+        self.register_buffer("pix_mean", torch.tensor(PIXEL_MEAN), persistent=False)
+        self.register_buffer("pix_std", torch.tensor(PIXEL_STD), persistent=False)
+
+        self.cond_proj = nn.Linear(c_channels, width)
+        self.r_codebook = nn.Embedding(NUM_LEVELS, width)
+        self.g_codebook = nn.Embedding(NUM_LEVELS, width)
+        self.b_codebook = nn.Embedding(NUM_LEVELS, width)
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio=4.0, causal=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.r_mlm = MlmLayer()
+        self.g_mlm = MlmLayer()
+        self.b_mlm = MlmLayer()
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for codebook in self.codebooks():
+            nn.init.normal_(codebook.weight, std=0.02)
+        self.apply(init_weights)
+
+    def codebooks(self):
+        return self.r_codebook, self.g_codebook, self.b_codebook
+
+    def heads(self):
+        return self.r_mlm, self.g_mlm, self.b_mlm
+
+    def to_pixel_ids(self, x):
+        """(N, 3) normalised values -> (N, 3) integer pixel values, exact for values on
+        the k/255 grid."""
+        return ((x * self.pix_std + self.pix_mean) * 255).round().long().clamp(0, NUM_LEVELS - 1)
+
+    def from_pixel_ids(self, ids):
+        """(N,) or (N, 3) integer pixel values -> normalised floats."""
+        return (ids.float() / 255 - self.pix_mean) / self.pix_std
+
+    def channel_logits(self, h, channel):
+        """h: (N, W) hidden state at the position that predicts `channel` -> (N, 256) float32."""
+        codebook = self.codebooks()[channel].weight
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.heads()[channel](h.float(), codebook.float())
+
+    def predict(self, target, cond_list):
+        """target: (N, 3) normalised pixels; cond_list[0]: (N, C).
+        Returns logits (N, 3, 256) in float32 and the integer targets (N, 3)."""
+        target = target.reshape(target.shape[0], 3)
+        # (quirk) a tiny dither before rounding breaks banker's-rounding ties the way the
+        # pretrained weights saw them
+        values = (target * self.pix_std + self.pix_mean) * 255
+        ids = (values + 1e-2 * torch.randn_like(values)).round().long()
+        x = torch.stack([
+            self.cond_proj(cond_list[0]),
+            self.r_codebook(ids[:, 0]),
+            self.g_codebook(ids[:, 1]),
+            self.b_codebook(ids[:, 2]),
+        ], dim=1)  # (N, 4, W)
+        x = self.norm(run_blocks(self.blocks, self.ln(x)))
+        logits = torch.stack([self.channel_logits(x[:, c], c) for c in range(3)], dim=1)  # (N, 3, 256)
+        return logits, ids
+
+    def forward(self, target, cond_list):
+        """Mean cross-entropy (nats per sub-pixel) of `target` (N, 3[, 1, 1]) given
+        cond_list[0] (N, C). Training weighs red by r_weight; eval is the plain mean."""
+        logits, ids = self.predict(target, cond_list)
+        ce = F.cross_entropy(logits.reshape(-1, NUM_LEVELS), ids.reshape(-1), reduction="none")
+        ce = ce.reshape(-1, 3)
+        if self.training:
+            loss = (self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)
+        else:
+            loss = ce.mean(dim=1)
+        return loss.mean()
+
+    @torch.no_grad()
+    def sample(self, cond_list, temperature, cfg, filter_threshold=0, known=None, known_mask=None):
+        """Draw r, g, b in turn. cond_list[0]: (N, C), or (2N, C) when cfg != 1 (rows
+        0..N-1 conditional, N..2N-1 unconditional). known / known_mask: optional (N, 3)
+        normalised values and bools; known channels are taken instead of drawn (and the
+        later channels are conditioned on them). Returns (N, 3) normalised pixels.
+
+        Each channel is one cached step of the 4-token causal transformer, so the three
+        passes cost one token each."""
+        cond = cond_list[0]
+        guided = cfg != 1.0
+        n = cond.shape[0] // 2 if guided else cond.shape[0]
+        known_ids = self.to_pixel_ids(known.reshape(n, 3)) if known is not None else None
+        known_mask = known_mask.reshape(n, 3) if known is not None else None
+        caches = [KVCache(max_len=3) for _ in self.blocks]
+        x = self.cond_proj(cond).unsqueeze(1)  # (rows, 1, W)
+        ids = torch.empty(n, 3, dtype=torch.long, device=cond.device)
+        for c in range(3):
+            h = self.norm(run_blocks(self.blocks, self.ln(x), caches=caches))[:, 0]
+            logits = self.channel_logits(h, c)
+            # (quirk) temperature multiplies the logits; the pretrained settings assume it
+            logits = logits * temperature
+            if guided:
+                logits = guided_logits(logits[:n], logits[n:], cfg, filter_threshold)
+            probs = torch.softmax(logits, dim=-1)
+            ids[:, c] = torch.multinomial(probs, num_samples=1).squeeze(-1)
+            if known_ids is not None:
+                ids[:, c] = torch.where(known_mask[:, c], known_ids[:, c], ids[:, c])
+            if c < 2:
+                next_ids = torch.cat([ids[:, c], ids[:, c]]) if guided else ids[:, c]
+                x = self.codebooks()[c](next_ids).unsqueeze(1)
+        return self.from_pixel_ids(ids)
+
+
+def guided_logits(cond_logits, uncond_logits, cfg, filter_threshold):
+    """Classifier-free guidance on (N, V) logits. Where the conditional probability is
+    below `filter_threshold`, the unconditional logit is first raised to at least the
+    conditional one (both shifted to their row maximum), so guidance cannot make an
+    implausible value likely."""
+    if filter_threshold > 0:
+        cond_probs = torch.softmax(cond_logits, dim=-1)
+        floor = (cond_logits - cond_logits.max(dim=-1, keepdim=True).values
+                 + uncond_logits.max(dim=-1, keepdim=True).values)
+        raised = torch.maximum(uncond_logits, floor)
+        uncond_logits = torch.where(cond_probs < filter_threshold, raised, uncond_logits)
+    return uncond_logits + cfg * (cond_logits - uncond_logits)
