@@ -79,7 +79,8 @@ class PixelLoss(nn.Module):
         # (quirk) a tiny dither before rounding breaks banker's-rounding ties the way the
         # pretrained weights saw them
         values = (target * self.pix_std + self.pix_mean) * 255
-        ids = (values + 1e-2 * torch.randn_like(values)).round().long()
+        # the clamp only matters for out-of-range input, which would otherwise fail deep in an embedding lookup
+        ids = (values + 1e-2 * torch.randn_like(values)).round().long().clamp(0, NUM_LEVELS - 1)
         x = torch.stack([
             self.cond_proj(cond_list[0]),
             self.r_codebook(ids[:, 0]),
