@@ -1,0 +1,216 @@
+"""Training and evaluation loops: one epoch of training, bits/dim on the val set, and
+class-conditional generation scored with FID / Inception Score."""
+import math
+import os
+import shutil
+import time
+
+import torch
+from PIL import Image
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+from util import fid
+
+PRINT_FREQ = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the step is applied."""
+
+
+def unwrap(model):
+    """The FractalGen inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)      # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)    # torch.compile
+
+
+def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writer=None):
+    """One pass over `data_loader` (a DistributedSampler shard per rank).
+
+    model: the (possibly DDP-wrapped) FractalGen in training mode; the loss is its forward
+    (nats per sub-pixel, red channel weighted by r_weight). The learning rate follows the
+    per-iteration schedule; gradients are unscaled (fp16), clipped to args.grad_clip, then
+    applied. Returns the epoch's averaged stats {'loss', 'lr'} over all ranks."""
+    device = torch.device(args.device)
+    model.train(True)
+    logger = misc.MetricLogger()
+    logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.2e}"))
+    header = f"Epoch: [{epoch}]"
+    steps = len(data_loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+
+    for step, (imgs, labels) in enumerate(logger.log_every(data_loader, PRINT_FREQ, header)):
+        lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps, args)
+        imgs = imgs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+
+        with misc.autocast(device, args.precision):
+            loss = model(imgs, labels)
+        # One all-reduce per step: the logged loss is the global mean, and a NaN on any rank
+        # stops every rank at the same step (a lone rank leaving would hang the others).
+        loss_mean = misc.all_reduce_mean(loss.item(), device)
+        if not math.isfinite(loss_mean):
+            raise NonFiniteLossError(
+                f"training loss is {loss_mean} at epoch {epoch}, step {step}; stopping without applying this "
+                f"step (the last checkpoint is kept). Lower --blr, raise --warmup_epochs, or try "
+                f"--precision fp32/bf16")
+
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        logger.update(loss=loss_mean, lr=lr)
+        if log_writer is not None:
+            # x-axis in thousandths of an epoch: curves of runs with different batch sizes line up
+            epoch_1000x = int((epoch + step / steps) * 1000)
+            log_writer.add_scalar("train_loss", loss_mean, epoch_1000x)
+            log_writer.add_scalar("lr", lr, epoch_1000x)
+
+    misc.print0(f"{header} averaged stats: {logger}")
+    return {name: meter.global_avg for name, meter in logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate_nll(model, data_loader, args, epoch=0, log_writer=None):
+    """Unconditional negative log-likelihood of the val set in bits per dimension.
+
+    Each batch's loss is averaged over args.nll_forward_number forward passes (MAR levels
+    draw a random mask count per pass; AR gives the same value every time). Every rank
+    sums loss x images over its shard (ShardSampler: no padded duplicates), and the sums
+    are all-reduced, so each val image counts exactly once. Returns {'nll', 'bpd', 'images'}."""
+    device = torch.device(args.device)
+    model = unwrap(model)
+    model.eval()
+    misc.seed_everything(args.seed, misc.get_rank(), epoch, 2)  # MAR mask counts: reproducible per rank
+    logger = misc.MetricLogger()
+    loss_sum, count = 0.0, 0
+    for imgs, labels in logger.log_every(data_loader, PRINT_FREQ, "NLL:"):
+        imgs = imgs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with misc.autocast(device, args.precision):
+            loss = sum(model(imgs, labels).float() for _ in range(args.nll_forward_number))
+        loss = loss.item() / args.nll_forward_number
+        loss_sum += loss * imgs.shape[0]
+        count += imgs.shape[0]
+        logger.update(bpd=loss / math.log(2))
+    loss_sum, count = misc.all_reduce_sum([loss_sum, count], device)
+    nll = loss_sum / max(count, 1)
+    result = {"nll": nll, "bpd": nll / math.log(2), "images": int(count)}
+    # guiding-pixel models add one guiding-pixel term per level > 0 to the loss (official behaviour)
+    extra = any(getattr(m, "guiding_pixel", False) is True for m in model.modules())
+    misc.print0(f"NLL over {result['images']} val images ({args.nll_forward_number} forward pass(es) each): "
+                f"{result['bpd']:.5f} bits/dim ({nll:.5f} nats/dim)"
+                + (", guiding-pixel terms included" if extra else ""))
+    if log_writer is not None:
+        log_writer.add_scalar("val_bpd", result["bpd"], epoch)
+    return result
+
+
+def generation_labels(num_images, class_num):
+    """Class-balanced labels 0,0,..,1,1,..: each class num_images / class_num times."""
+    return torch.arange(class_num).repeat_interleave(num_images // class_num)
+
+
+def rank_batches(num_images, batch_size, rank, world_size):
+    """Image ids each generation step of this rank covers: step s takes the global block
+    [s*B*W, (s+1)*B*W) and rank r its r-th slice of B ids, so ids are unique across ranks
+    and together cover 0..num_images-1 (the last step may be short or empty)."""
+    per_step = batch_size * world_size
+    for start in range(0, num_images, per_step):
+        begin = start + rank * batch_size
+        yield range(begin, min(begin + batch_size, num_images))
+
+
+def generation_folder(args, online):
+    name = (f"gen-iter{'-'.join(map(str, args.num_iter_list))}-cfg{args.cfg}{args.cfg_schedule}"
+            f"-temp{args.temperature}-filter{args.filter_threshold}-image{args.num_images}")
+    return os.path.join(args.output_dir, ("tmp-" + name) if online else name)
+
+
+def save_png(image, path):
+    """uint8 (3, H, W) tensor -> PNG (lossless, so FID sees exactly the generated pixels)."""
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+@torch.no_grad()
+def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
+    """Generate args.num_images class-balanced images across all ranks, write them as
+    PNGs and score them (rank 0) with FID and Inception Score against args.fid_stats_path
+    (plus precision/recall with args.prc_ref_dir).
+
+    online=True (during training) writes into a temporary folder that is deleted afterwards.
+    Returns {'fid', 'inception_score', ..., 'sec_per_image', 'folder'} on rank 0 and
+    {'sec_per_image', 'folder'} elsewhere."""
+    device = torch.device(args.device)
+    model = unwrap(model)
+    model.eval()
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+    folder = generation_folder(args, online)
+    if misc.is_main_process():
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # leftovers of an earlier run would count in FID
+            if name.endswith(".png"):
+                os.remove(os.path.join(folder, name))
+    misc.barrier()
+
+    misc.seed_everything(args.seed, rank, epoch, 1)  # sampling stream per rank, independent of training's
+    labels = generation_labels(args.num_images, args.class_num)
+    digits = max(5, len(str(args.num_images - 1)))
+    batches = list(rank_batches(args.num_images, args.gen_bsz, rank, world_size))
+    timed_seconds = timed_images = 0.0
+    first_seconds = first_images = 0.0
+    for step, ids in enumerate(misc.MetricLogger().log_every(batches, 1, "Generation:")):
+        if len(ids) == 0:
+            continue
+        misc.synchronize(device)
+        start = time.perf_counter()
+        with misc.autocast(device, args.precision):
+            images = model.generate(labels[ids.start:ids.stop].to(device), num_iter_list=args.num_iter_list,
+                                    cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                                    filter_threshold=args.filter_threshold)
+        misc.synchronize(device)
+        seconds = time.perf_counter() - start
+        if step == 0:  # the first batch pays for warm-up (allocator, kernels): timed apart
+            first_seconds, first_images = seconds, len(ids)
+        else:
+            timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(ids)
+        for image, image_id in zip(images.cpu(), ids):
+            save_png(image, os.path.join(folder, f"{image_id:0{digits}d}.png"))
+
+    timed_seconds, timed_images, first_seconds, first_images = misc.all_reduce_sum(
+        [timed_seconds, timed_images, first_seconds, first_images], device)
+    if timed_images:
+        sec_per_image = timed_seconds / timed_images
+        note = "first batch excluded"
+    else:  # a single batch per rank: nothing left to time without warm-up
+        sec_per_image = first_seconds / max(first_images, 1)
+        note = "single batch, includes warm-up"
+    misc.print0(f"generated {args.num_images} images into {folder}: {sec_per_image:.4f} s per image per "
+                f"process ({note}; {world_size} process(es))")
+    misc.barrier()  # every PNG is on disk before rank 0 reads the folder
+
+    result = {"sec_per_image": sec_per_image, "folder": folder}
+    if misc.is_main_process():
+        result.update(fid.evaluate_folder(folder, args.fid_stats_path, device, args.inception_weights,
+                                          args.prc_ref_dir, img_size=args.img_size,
+                                          num_workers=min(args.num_workers, 8)))
+        report = ", ".join(f"{k}: {v:.4f}" for k, v in result.items() if k != "folder")
+        misc.print0(f"epoch {epoch}: {report}")
+        if log_writer is not None:
+            suffix = f"_cfg{args.cfg}"
+            log_writer.add_scalar(f"fid{suffix}", result["fid"], epoch)
+            log_writer.add_scalar(f"is{suffix}", result["inception_score"], epoch)
+            for key in ("precision", "recall"):
+                if key in result:
+                    log_writer.add_scalar(f"{key}{suffix}", result[key], epoch)
+        if online:
+            shutil.rmtree(folder, ignore_errors=True)
+    misc.barrier()
+    return result
+

@@ -1,0 +1,410 @@
+"""Train and evaluate FractalGen models.
+
+    python main_fractalgen.py --model fractalmar_tiny --data_path DATA --output_dir out --device cpu
+    torchrun --nproc_per_node=8 main_fractalgen.py --model fractalmar_in64 ...      # one node, 8 GPUs
+
+The same code runs as one plain process (CPU or GPU), as several processes launched by
+torchrun or SLURM `srun` (gloo on CPU, NCCL on GPU), and on many nodes. Modes: training
+(default; `--online_eval` adds FID during training), `--evaluate_nll` (bits/dim of the
+val set) and `--evaluate_gen` (generate `--num_images` images, FID and Inception Score).
+Other code can call `main(get_args_parser().parse_args([...]))` in-process.
+"""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import util.misc as misc
+from engine_fractalgen import NonFiniteLossError, evaluate_gen, evaluate_nll, train_one_epoch
+from models import MODELS, CheckpointMismatchError, create_model
+from util import checkpoint as ckpt_util
+from util import data as data_util
+from util import fid
+from util.misc import UserInputError, print0
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("FractalGen training and evaluation")
+    add = parser.add_argument
+    # training
+    add("--batch_size", default=64, type=int, help="images per process and step (effective: x processes)")
+    add("--epochs", default=400, type=int)
+    add("--seed", default=0, type=int)
+    add("--resume", default="", help="folder holding checkpoint-last.pth (or the file) to resume or evaluate; "
+                                     "equal to --output_dir it may not exist yet (fresh start)")
+    add("--start_epoch", default=0, type=int, help="first epoch when not resuming")
+    add("--num_workers", default=10, type=int)
+    add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (default; CUDA only)")
+    add("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    add("--precision", default=None, choices=PRECISIONS,
+        help="autocast dtype; default fp16 on CUDA (as the official code; with a gradient scaler), "
+             "fp32 on CPU; bf16 needs no scaler")
+    add("--compile", action="store_true", help="torch.compile the model for training")
+
+    # model
+    add("--model", default="fractalmar_in64", choices=sorted(MODELS), metavar="MODEL",
+        help=f"one of: {', '.join(MODELS)}")
+    add("--img_size", default=None, type=int, help="image size; default: the model's (must match it)")
+    add("--num_conds", default=None, type=int, help="conditions per MAR level; default: the model's")
+    add("--guiding_pixel", default=None, action="store_true", help="use guiding pixels; default: the model's")
+    add("--no_guiding_pixel", dest="guiding_pixel", action="store_false")
+    add("--grad_checkpointing", action="store_true")
+    add("--attn_dropout", default=0.1, type=float)
+    add("--proj_dropout", default=0.1, type=float)
+    add("--label_drop_prob", default=0.1, type=float, help="class-label dropout for classifier-free guidance")
+    add("--r_weight", default=5.0, type=float, help="loss weight of the red channel in the pixel head")
+
+    # optimiser
+    add("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
+    add("--blr", default=5e-5, type=float, help="base lr: lr = blr x (batch_size x processes) / 256")
+    add("--min_lr", default=0.0, type=float, help="final lr of the cosine schedule")
+    add("--lr_schedule", default="cosine", choices=("cosine", "constant"))
+    add("--warmup_epochs", default=40, type=int)
+    add("--weight_decay", default=0.05, type=float, help="AdamW weight decay (not on biases and 1-D params)")
+    add("--grad_clip", default=3.0, type=float, help="max gradient norm; 0 disables clipping")
+
+    # generation / evaluation
+    add("--class_num", default=None, type=int, help="default: from the checkpoint, else the dataset, else 1000")
+    add("--num_iter_list", default=None, type=str, help="iterations per generator level, e.g. 64,16; "
+                                                          "default: min(patches, 64) per level")
+    add("--cfg", default=1.0, type=float, help="classifier-free guidance scale")
+    add("--cfg_schedule", default="linear", choices=("linear", "constant"))
+    add("--temperature", default=1.0, type=float)
+    add("--filter_threshold", default=1e-4, type=float)
+    add("--gen_bsz", default=1024, type=int, help="generation batch size per process")
+    add("--num_images", default=50000, type=int, help="images to generate (a multiple of class_num)")
+    add("--eval_freq", default=40, type=int, help="online FID every N epochs")
+    add("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
+    add("--online_eval", action="store_true", help="FID / IS during training")
+    add("--evaluate_gen", action="store_true", help="generate, then FID / IS; no training")
+    add("--evaluate_nll", action="store_true", help="bits/dim of the val set; no training")
+    add("--nll_bsz", default=128, type=int)
+    add("--nll_forward_number", default=1, type=int, help="forward passes averaged per NLL batch")
+    add("--fid_stats_path", default=None,
+        help="reference statistics npz (mu, sigma); default fid_stats/adm_in{img_size}_stats.npz")
+    add("--inception_weights", default=None, help="local Inception weights (default: torch-fidelity downloads)")
+    add("--prc_ref_dir", default=None, help="folder of real images: also report precision / recall")
+
+    # data and output
+    add("--data_path", default="./data/imagenet", type=str, help="folder with train/ and val/ ImageFolders")
+    add("--output_dir", default="./output_dir", help="checkpoints, generated images, log.txt")
+    add("--log_dir", default=None, help="TensorBoard folder; default: --output_dir")
+    add("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available, else cpu")
+
+    # distributed (filled in from torchrun / SLURM / OpenMPI environment variables)
+    add("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    add("--local_rank", "--local-rank", default=-1, type=int)
+    add("--dist_on_itp", action="store_true")
+    add("--dist_url", default="env://", help="rendezvous URL for init_process_group")
+    return parser
+
+
+# ---------------------------------------------------------------------- checks and set-up
+def parse_num_iter_list(text):
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(text) if text else None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserInputError(f"--num_iter_list {text!r} must be comma-separated integers, e.g. 64,16") from None
+    if any(v < 1 for v in values):
+        raise UserInputError(f"--num_iter_list {text!r} must hold positive integers")
+    return values
+
+
+def check_args(args):
+    """Cheap checks of the flags alone, before anything is read or written."""
+    positive = dict(batch_size=args.batch_size, epochs=args.epochs, gen_bsz=args.gen_bsz,
+                    num_images=args.num_images, nll_bsz=args.nll_bsz,
+                    nll_forward_number=args.nll_forward_number, eval_freq=args.eval_freq,
+                    save_last_freq=args.save_last_freq)
+    for name, value in positive.items():
+        if value < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {value}")
+    if args.class_num is not None and args.class_num < 1:
+        raise UserInputError(f"--class_num must be at least 1, got {args.class_num}")
+    if args.num_workers < 0:
+        raise UserInputError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    args.num_iter_list = parse_num_iter_list(args.num_iter_list)
+
+
+def model_kwargs(args):
+    kwargs = dict(label_drop_prob=args.label_drop_prob, class_num=args.class_num or 1,
+                  attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, r_weight=args.r_weight,
+                  grad_checkpointing=args.grad_checkpointing)
+    # given explicitly, these override the factory's architecture defaults
+    if args.num_conds is not None:
+        kwargs["num_conds"] = args.num_conds
+    if args.guiding_pixel is not None:
+        kwargs["guiding_pixel"] = args.guiding_pixel
+    return kwargs
+
+
+def build_model(args):
+    try:
+        return create_model(args.model, **model_kwargs(args))
+    except ValueError as e:
+        raise UserInputError(f"cannot build --model {args.model}: {e}") from None
+
+
+def check_img_size(args):
+    """--img_size must be the model's; without it, take the model's. The model is probed on
+    the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        native = build_model(args).img_size
+    if args.img_size is None:
+        args.img_size = native
+    elif args.img_size != native:
+        raise UserInputError(f"--img_size {args.img_size} does not match --model {args.model}, which models "
+                             f"{native}x{native} images; pass --img_size {native} or pick a model of that size")
+
+
+def find_resume_checkpoint(args, training):
+    """Path of the checkpoint to load, or None to start from scratch.
+
+    Training with --resume equal to --output_dir (the official command lines) starts fresh
+    when no checkpoint exists yet -- said out loud, never silently. Any other --resume
+    without a checkpoint, and evaluation without --resume, is an error."""
+    if not args.resume:
+        if not training:
+            raise UserInputError("evaluation needs weights: pass --resume with the folder that holds "
+                                 f"{ckpt_util.CHECKPOINT_NAME} (e.g. pretrained_models/{args.model})")
+        return None
+    path = ckpt_util.checkpoint_path(args.resume)
+    if os.path.isfile(path):
+        return path
+    same_as_output = os.path.abspath(args.resume) == os.path.abspath(args.output_dir)
+    if training and same_as_output:
+        print0(f"no {ckpt_util.CHECKPOINT_NAME} in {args.resume} yet: training from scratch")
+        return None
+    raise UserInputError(f"--resume {args.resume}: no {ckpt_util.CHECKPOINT_NAME} there; point --resume at the "
+                         f"folder that holds it (for a fresh run, drop --resume or set it to --output_dir)")
+
+
+def resolve_class_num(args, dataset, ckpt, training):
+    """--class_num, else the checkpoint's, else the dataset's, else ImageNet's 1000;
+    checked against the class folders when training (labels must index the embedding)."""
+    data_classes = len(dataset.classes) if dataset is not None else None
+    ckpt_classes = ckpt_util.checkpoint_class_num(ckpt) if ckpt is not None else None
+    if args.class_num is None:
+        args.class_num = ckpt_classes or data_classes or 1000
+    if dataset is None:
+        return
+    where = dataset.root
+    if training and data_classes != args.class_num:
+        source = "the checkpoint" if ckpt_classes == args.class_num else "--class_num"
+        raise UserInputError(f"{where} has {data_classes} class folders but {source} says {args.class_num} "
+                             f"classes; make them agree (drop --class_num to take it from the data)")
+    if data_classes > args.class_num:
+        raise UserInputError(f"{where} has {data_classes} class folders, more than the model's "
+                             f"{args.class_num} classes; pass --class_num {data_classes} or use a model "
+                             f"trained with as many classes")
+
+
+def check_generation(args, model):
+    """Generation settings, validated before any image or checkpoint is written."""
+    if args.num_images % args.class_num:
+        raise UserInputError(f"--num_images {args.num_images} is not divisible by class_num {args.class_num}; "
+                             f"class-balanced generation needs a multiple, e.g. "
+                             f"{max(1, args.num_images // args.class_num) * args.class_num}")
+    levels = model.num_fractal_levels - 1
+    if args.num_iter_list is None:
+        args.num_iter_list = model.default_num_iter_list()
+    if len(args.num_iter_list) != levels:
+        raise UserInputError(f"--num_iter_list {','.join(map(str, args.num_iter_list))} has "
+                             f"{len(args.num_iter_list)} entries but --model {args.model} has {levels} "
+                             f"generator levels; give one per level")
+    args.fid_stats_path = args.fid_stats_path or fid.default_stats_path(args.img_size)
+    fid.check_stats_file(args.fid_stats_path)
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise UserInputError(f"--inception_weights {args.inception_weights} does not exist")
+    if args.prc_ref_dir is not None:
+        fid.list_images(args.prc_ref_dir)
+
+
+def load_model_state(model, ckpt, path, args):
+    try:
+        model.load_state_dict(ckpt["model"])
+    except CheckpointMismatchError as e:
+        trained = ckpt_util.checkpoint_model_name(ckpt)
+        origin = f" (it was saved by --model {trained})" if trained and trained != args.model else ""
+        raise UserInputError(f"{path} does not fit --model {args.model}{origin}: {e}") from None
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases and 1-D parameters (norms, scalars);
+    [no-decay, decay] in that order, as in the official optimizer state."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def restore_training_state(ckpt, path, optimizer, scaler, args):
+    """Optimizer, scaler and epoch from a full checkpoint; a weights-only checkpoint (e.g.
+    an official pretrained model) fine-tunes from args.start_epoch with a fresh optimizer."""
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        print0(f"{path} holds weights only: fresh optimizer, starting at epoch {args.start_epoch}")
+        return
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserInputError(f"the optimizer state in {path} does not fit this model's parameters ({e})") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    args.start_epoch = int(ckpt["epoch"]) + 1
+    print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at epoch {args.start_epoch}")
+
+
+def save_training_checkpoint(model, optimizer, scaler, epoch, args):
+    path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict(), "args": argparse.Namespace(**vars(args))}
+    ckpt_util.save_checkpoint(state, path)
+    print0(f"saved {path} (epoch {epoch})")
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+    pin = args.pin_mem and torch.device(args.device).type == "cuda"
+    loaders = {}
+    if dataset_train is not None:
+        sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                                      shuffle=True, seed=args.seed, drop_last=True)
+        loaders["train"] = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
+                                                       num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+        if len(loaders["train"]) == 0:
+            raise UserInputError(f"{dataset_train.root} has {len(dataset_train)} images, fewer than one step of "
+                                 f"--batch_size {args.batch_size} x {world_size} process(es); lower --batch_size")
+    if dataset_val is not None:
+        sampler = data_util.ShardSampler(len(dataset_val), rank, world_size)
+        loaders["val"] = torch.utils.data.DataLoader(dataset_val, sampler=sampler, batch_size=args.nll_bsz,
+                                                     num_workers=args.num_workers, pin_memory=pin)
+    return loaders
+
+
+# ---------------------------------------------------------------------- main
+def main(args):
+    """Run training or evaluation. Returns {'model': the FractalGen (unwrapped), 'args',
+    and 'train' / 'nll' / 'gen' results where run}. Bad input raises SystemExit with one
+    sentence and writes nothing."""
+    log_writer = None
+    try:
+        device = misc.init_distributed_mode(args)
+        result, log_writer = run(args, device)
+        misc.barrier()
+        return result
+    except (UserInputError, NonFiniteLossError) as e:
+        raise SystemExit(f"error: {misc.one_line(e)}") from None
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        misc.cleanup_distributed()
+
+
+def run(args, device):
+    training = not (args.evaluate_gen or args.evaluate_nll)
+    generating = args.evaluate_gen or (training and args.online_eval)
+    check_args(args)
+    args.precision = misc.resolve_precision(args.precision, device)
+    check_img_size(args)
+
+    # inputs: data folders, checkpoint, model -- all checked before anything is written
+    if training:
+        data_util.split_dir(args.data_path, "train")
+    if args.evaluate_nll:
+        data_util.split_dir(args.data_path, "val")
+    path = find_resume_checkpoint(args, training)
+    ckpt = ckpt_util.load_checkpoint(path) if path else None
+    dataset_train = data_util.build_dataset(args.data_path, "train", args.img_size, True) if training else None
+    dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
+    resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
+    misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(args)
+    if ckpt is not None:
+        load_model_state(model, ckpt, path, args)
+    model.to(device)
+    if generating:
+        check_generation(args, model)
+    loaders = build_loaders(args, dataset_train, dataset_val)
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
+           f"{args.class_num} classes; device {device}, precision {args.precision}, "
+           f"{misc.get_world_size()} process(es)")
+    log_writer = None
+    if misc.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    result = {"model": model, "args": args}
+
+    if not training:
+        model.eval()
+        if args.evaluate_nll:
+            result["nll"] = evaluate_nll(model, loaders["val"], args, log_writer=log_writer)
+        if args.evaluate_gen:
+            result["gen"] = evaluate_gen(model, args, log_writer=log_writer)
+        return result, log_writer
+
+    result["train"] = train(model, ckpt, path, loaders["train"], args, device, log_writer)
+    return result, log_writer
+
+
+def train(model, ckpt, path, loader, args, device, log_writer):
+    """The training loop; returns the last epoch's stats."""
+    world_size = misc.get_world_size()
+    eff_batch = args.batch_size * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print0(f"effective batch {eff_batch}; base lr {args.lr * 256 / eff_batch:.2e}, actual lr {args.lr:.2e}")
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if ckpt is not None:
+        restore_training_state(ckpt, path, optimizer, scaler, args)
+        del ckpt
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_model = torch.compile(model) if args.compile else model
+    if args.distributed:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stats = {}
+    if args.start_epoch >= args.epochs:
+        print0(f"nothing to train: epoch {args.start_epoch} is past --epochs {args.epochs}")
+        return stats
+    print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {len(loader)} steps each")
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        # reseed per epoch: a resumed run replays exactly what an uninterrupted run does
+        misc.seed_everything(args.seed, epoch, misc.get_rank())
+        stats = train_one_epoch(train_model, loader, optimizer, scaler, epoch, args, log_writer)
+        last = epoch + 1 == args.epochs
+        if misc.is_main_process() and (epoch % args.save_last_freq == 0 or last):
+            save_training_checkpoint(model, optimizer, scaler, epoch, args)
+        if args.online_eval and (epoch % args.eval_freq == 0 or last):
+            stats.update({k: v for k, v in evaluate_gen(model, args, epoch, log_writer, online=True).items()
+                          if k != "folder"})
+        if misc.is_main_process():
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            done = epoch + 1 - args.start_epoch
+            remaining = (time.time() - start) / done * (args.epochs - epoch - 1)
+            print0(f"epoch {epoch} done; run ETA {misc.format_seconds(remaining)}")
+    print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,94 @@
+"""Shared fixtures for the engine tests: a tiny ImageFolder, random Inception weights (the
+real architecture, so FID/IS run end to end offline) and FID statistics of the tiny data."""
+import os
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+TRAIN_PER_CLASS = (6, 6)   # 12 train images: 3 steps of 2 x 2 processes
+VAL_PER_CLASS = (3, 2)     # 5 val images: an odd count, so 2 ranks would need padding
+
+
+def write_imagefolder(root, per_class, seed, size=(20, 24)):
+    """Random RGB images root/<class>/<i>.png (H, W) = size, one class per entry of per_class."""
+    rng = np.random.default_rng(seed)
+    for c, n in enumerate(per_class):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, f"class{c}", f"{i:03d}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """DATA/train (2 classes x 6) and DATA/val (3 + 2) of 20x24 images (the ADM crop makes 16x16)."""
+    root = tmp_path_factory.mktemp("data")
+    write_imagefolder(os.path.join(root, "train"), TRAIN_PER_CLASS, seed=0)
+    write_imagefolder(os.path.join(root, "val"), VAL_PER_CLASS, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A weights file for torch-fidelity's FeatureExtractorInceptionV3, randomly initialised
+    (He-normal convolutions keep activations at a usable scale) instead of downloaded."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    cls = fe.FeatureExtractorInceptionV3
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None):
+        model = cls("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0, (2 / fan_in) ** 0.5, generator=g)
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fid_stats(tiny_data, inception_weights, tmp_path_factory):
+    """Reference statistics of the tiny train images (16x16 crops), written by util.fid."""
+    from util import fid
+    inception = fid.build_inception(torch.device("cpu"), inception_weights)
+    files = fid.list_images(os.path.join(tiny_data, "train"))
+    mu, sigma = fid.mean_and_cov(fid.extract_features(files, inception, torch.device("cpu"), img_size=16)["2048"])
+    path = str(tmp_path_factory.mktemp("fid") / "tiny_stats.npz")
+    fid.save_stats(path, mu, sigma)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """CPU tests run one intra-op thread: on a busy 2-core machine more threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_main(one_thread):
+    """Call main_fractalgen.main in-process with command-line style arguments."""
+    from main_fractalgen import get_args_parser, main
+
+    def run(*argv):
+        return main(get_args_parser().parse_args([str(a) for a in argv]))
+    return run
+
+
+@pytest.fixture
+def child_env():
+    """Environment for child processes: the repo importable, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

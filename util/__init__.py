@@ -1,0 +1,1 @@
+"""Small single-purpose helpers for training, evaluation and the demos."""

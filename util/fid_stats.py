@@ -1,0 +1,50 @@
+"""Write FID reference statistics (`mu`, `sigma` of Inception pool features) for a folder
+of real images, so that generated images can be scored against your own dataset.
+
+    python -m util.fid_stats --images DATA/train --out fid_stats/mydata_in64_stats.npz --img_size 64
+
+Images are searched recursively (an ImageFolder tree works as it is) and centre-cropped to
+--img_size the way training data is (ADM crop), which is what generated images look like.
+Then train or evaluate with `--fid_stats_path fid_stats/mydata_in64_stats.npz`.
+"""
+import argparse
+import sys
+
+import torch
+
+from util import fid
+from util.misc import UserInputError, one_line
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Write FID reference statistics for a folder of images.")
+    parser.add_argument("--images", required=True, help="folder of real images (searched recursively)")
+    parser.add_argument("--out", required=True, help="output .npz with arrays mu and sigma")
+    parser.add_argument("--img_size", type=int, default=None,
+                        help="ADM centre-crop every image to this size first (use your training --img_size)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--inception_weights", default=None,
+                        help="local Inception weights file (default: torch-fidelity downloads them)")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        files = fid.list_images(args.images)
+        print(f"computing Inception statistics of {len(files)} images in {args.images} on {device}", flush=True)
+        inception = fid.build_inception(device, args.inception_weights)
+        features = fid.extract_features(files, inception, device, args.batch_size, args.img_size, args.num_workers)
+        mu, sigma = fid.mean_and_cov(features[fid.FID_FEATURE])
+    except UserInputError as e:
+        sys.exit(f"error: {one_line(e)}")
+    fid.save_stats(args.out, mu, sigma)
+    print(f"wrote {args.out} (mu {mu.shape}, sigma {sigma.shape}, {len(files)} images)")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Distributed set-up, seeding, mixed precision and progress logging.
+
+One code path serves every launch: plain `python main_fractalgen.py` (one process, no
+process group), `torchrun` (env vars RANK / WORLD_SIZE / LOCAL_RANK), SLURM `srun`
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) and OpenMPI on ITP (`--dist_on_itp`).
+CUDA devices talk over NCCL, CPU processes over gloo.
+"""
+import contextlib
+import datetime
+import math
+import os
+import random
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Ranks wait for rank 0 while it computes FID on tens of thousands of images; the default
+# collective timeout (10 min for NCCL) is too short for that.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UserInputError(ValueError):
+    """Bad input from the user (flags, data, checkpoint): the message is one sentence naming
+    the problem and the fix, shown without a traceback."""
+
+
+def one_line(exc):
+    """The user-facing sentence of an exception. DataLoader workers re-raise errors with
+    the worker's traceback prepended; keep only the original message (its last line)."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{type(exc).__name__}: ", f"{type(exc).__name__}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
+
+
+# ---------------------------------------------------------------------- distributed
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every rank runs the same code; one copy of the log is enough)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def _launch_env(args):
+    """(rank, world_size, local_rank, init_url) from the launcher's environment, or None
+    for a single process."""
+    env = os.environ
+    if args.dist_on_itp:  # OpenMPI: ranks from OMPI_*, rendezvous from MASTER_ADDR/PORT
+        needed = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                  "MASTER_ADDR", "MASTER_PORT")
+        missing = [name for name in needed if name not in env]
+        if missing:
+            raise UserInputError(f"--dist_on_itp needs the environment variables {', '.join(missing)}; "
+                                 f"launch with mpirun or drop the flag")
+        url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env["OMPI_COMM_WORLD_LOCAL_RANK"]), url)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), args.dist_url
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:  # srun python main_fractalgen.py
+        if args.dist_url == "env://" and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+            raise UserInputError("SLURM launch without a rendezvous address: export MASTER_ADDR and "
+                                 "MASTER_PORT (e.g. the first node of $SLURM_JOB_NODELIST) or pass "
+                                 "--dist_url tcp://HOST:PORT")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), args.dist_url
+    return None
+
+
+def resolve_device(requested, local_rank):
+    """--device (None: CUDA when present, else CPU) -> torch.device; every process of a
+    multi-GPU launch takes the GPU of its local rank."""
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {name} was requested but CUDA is not available; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed_mode(args):
+    """Join the process group if a launcher started us; set args.rank, args.world_size,
+    args.gpu, args.distributed and args.device (a string, e.g. 'cuda:3' or 'cpu')."""
+    launch = _launch_env(args)
+    rank, world_size, local_rank, url = launch or (0, 1, max(args.local_rank, 0), None)
+    if args.world_size not in (1, world_size):  # the flag is informative; the launcher decides
+        raise UserInputError(f"--world_size {args.world_size} but {world_size} process(es) were launched; "
+                             f"start them with torchrun --nproc_per_node (or srun) instead")
+    device = resolve_device(args.device, local_rank)
+    args.rank, args.world_size, args.gpu = rank, world_size, local_rank
+    args.device = str(device)
+    args.distributed = launch is not None and world_size > 1
+    if not args.distributed:
+        return device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank,
+                            timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    print0(f"distributed: {world_size} processes, backend {backend}, init {url}")
+    dist.barrier()
+    return device
+
+
+def cleanup_distributed():
+    """Leave the process group (no barrier: after an error the other ranks may be gone)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all ranks (float64, so large counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_mean(value, device):
+    return all_reduce_sum([value], device)[0] / get_world_size()
+
+
+# ---------------------------------------------------------------------- seeding / precision
+def seed_everything(*keys):
+    """Seed torch, numpy and python's random from a tuple of ints, e.g. (seed, epoch, rank):
+    different tuples give independent streams, and the same tuple the same stream, so an
+    epoch replays exactly after a resume."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    seed = int(state[0]) << 32 | int(state[1])
+    torch.manual_seed(seed)
+    np.random.seed(int(state[0]))
+    random.seed(seed)
+
+
+def resolve_precision(requested, device):
+    """--precision (None: fp16 on CUDA, as the official runs, with a gradient scaler; fp32
+    elsewhere) -> 'fp32' | 'bf16' | 'fp16'."""
+    precision = requested or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserInputError(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32")
+    return precision
+
+
+def autocast(device, precision):
+    """Mixed-precision context for forward passes (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------- progress logging
+class SmoothedValue:
+    """A series of values: windowed median/average for the log line, global average for
+    the epoch summary. (Values logged during training are already all-reduced means.)"""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else float("nan")
+
+    @property
+    def avg(self):
+        return float(np.mean(self.deque)) if self.deque else float("nan")
+
+    @property
+    def global_avg(self):
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else float("nan")
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues plus `log_every`, which prints progress with an ETA."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values):
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yield from `iterable`, printing `header [i/N] eta ... meters ... time` every
+        `print_freq` items and on the last one (rank 0 only)."""
+        total = len(iterable)
+        width = len(str(total))
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = format_seconds(iter_time.global_avg * (total - i - 1))
+                parts = [f"{header} [{i:>{width}}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                print0(self.delimiter.join(part for part in parts if part))
+            end = time.time()
+        if total:
+            took = time.time() - start
+            print0(f"{header} total time: {format_seconds(took)} ({took / total:.4f} s / it)")
+
+
+def format_seconds(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
