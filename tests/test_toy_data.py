@@ -1,0 +1,111 @@
+"""util/toy_data.py (the quickstart dataset) and util/masks.py (conditional-generation masks)."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from util import masks, toy_data
+
+
+def digest(root):
+    """Hash of every file under root (names and bytes)."""
+    h = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def test_dataset_is_an_imagefolder_with_the_class_order(tmp_path):
+    root = toy_data.make_dataset(tmp_path / "d", num_classes=3, num_train_per_class=5, num_val_per_class=2)
+    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
+    assert len(train) == 15 and len(val) == 6
+    assert train.classes == [name for name, _, _ in toy_data.CLASSES[:3]]
+    assert toy_data.class_names(3) == ["red circle", "green square", "blue triangle"]
+    image, label = train[0]
+    assert image.size == (16, 16) and image.mode == "RGB" and label == 0
+
+
+def test_dataset_is_deterministic_and_seeded(tmp_path):
+    kwargs = dict(num_classes=2, num_train_per_class=4, num_val_per_class=2)
+    a = digest(toy_data.make_dataset(tmp_path / "a", seed=1, **kwargs))
+    b = digest(toy_data.make_dataset(tmp_path / "b", seed=1, **kwargs))
+    c = digest(toy_data.make_dataset(tmp_path / "c", seed=2, **kwargs))
+    assert a == b != c
+
+
+def test_dataset_is_reused_or_replaced(tmp_path):
+    root = tmp_path / "d"
+    toy_data.make_dataset(root, num_classes=2, num_train_per_class=3, num_val_per_class=1)
+    marker = root / "train" / "0_red_circle" / "00000.png"
+    stamp = marker.stat().st_mtime_ns
+    toy_data.make_dataset(root, num_classes=2, num_train_per_class=3, num_val_per_class=1)
+    assert marker.stat().st_mtime_ns == stamp  # same settings: untouched
+    toy_data.make_dataset(root, num_classes=3, num_train_per_class=2, num_val_per_class=1)
+    assert len(ImageFolder(str(root / "train"))) == 6  # new settings: old files gone
+    assert json.loads((root / toy_data.CONFIG_FILE).read_text())["num_classes"] == 3
+
+
+def test_classes_are_easy_to_tell_apart():
+    """Nearest class-mean of the shape colour (brightest pixels) classifies every image:
+    the classes really differ by colour and shape, and shapes are drawn."""
+    rng = np.random.default_rng(0)
+    n = len(toy_data.CLASSES)
+    images = [[toy_data.render(c, rng).astype(float) for _ in range(20)] for c in range(n)]
+
+    def features(img):
+        bright = img.sum(-1) > img.sum(-1).min() + 150  # the shape, not the dark background
+        return np.concatenate([img[bright].mean(0) / 255, [bright.mean()]])
+
+    feats = np.array([[features(im) for im in per_class] for per_class in images])  # (n, 20, 4)
+    means = feats[:, :10].mean(1)
+    test = feats[:, 10:].reshape(-1, 4)
+    pred = np.linalg.norm(test[:, None] - means[None], axis=-1).argmin(1)
+    assert (pred == np.repeat(np.arange(n), 10)).all()
+    for per_class in images:  # shapes cover a sensible part of the image
+        cover = np.mean([features(im)[-1] for im in per_class])
+        assert 0.1 < cover < 0.6
+
+
+def test_bad_dataset_settings_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="num_classes"):
+        toy_data.make_dataset(tmp_path, num_classes=99)
+    with pytest.raises(ValueError, match="size"):
+        toy_data.make_dataset(tmp_path, size=4)
+
+
+@pytest.mark.parametrize("task", masks.TASKS)
+def test_masks_shape_and_unknown_fraction(task):
+    m = masks.make_mask(task, 16)
+    assert m.shape == (1, 1, 16, 16) and m.dtype == torch.bool
+    unknown = (~m).float().mean().item()
+    expected = {"inpaint": 0.25, "outpaint": 0.75, "uncrop": 0.5, "edit": 0.25}[task]
+    assert unknown == pytest.approx(expected)
+
+
+def test_mask_geometry():
+    inpaint = masks.inpaint_mask(8)
+    assert not inpaint[0, 0, 2:6, 2:6].any() and inpaint.sum() == 64 - 16
+    assert torch.equal(masks.outpaint_mask(8), ~inpaint)
+    right = masks.uncrop_mask(8)
+    assert right[..., :4].all() and not right[..., 4:].any()
+    top = masks.uncrop_mask(8, frac=0.25, side="top")
+    assert not top[..., :2, :].any() and top[..., 2:, :].all()
+    # broadcasts to the (B, 3, H, W) known_mask of FractalGen.generate
+    assert torch.broadcast_to(inpaint, (5, 3, 8, 8)).shape == (5, 3, 8, 8)
+
+
+def test_mask_errors():
+    with pytest.raises(ValueError, match="inpaint"):
+        masks.make_mask("colorize", 16)
+    with pytest.raises(ValueError, match="fraction"):
+        masks.inpaint_mask(16, frac=1.5)
+    with pytest.raises(ValueError, match="side"):
+        masks.uncrop_mask(16, side="middle")

@@ -1,0 +1,103 @@
+"""Image grids, PNG/GIF writing and image loading for the demos (PIL only).
+
+Images are uint8 tensors (B, 3, H, W) as returned by `FractalGen.generate`.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+GRID_PAD = 2        # pixels between tiles
+GRID_PAD_VALUE = 255
+HIDDEN_DARK, HIDDEN_LIGHT = 96, 160  # checkerboard shown where a pixel is unknown
+
+
+def make_grid(images, nrow=None, pad=GRID_PAD, pad_value=GRID_PAD_VALUE):
+    """uint8 (B, 3, H, W) -> uint8 (3, rows*(H+pad)+pad, nrow*(W+pad)+pad), row-major,
+    `nrow` tiles per row (default: all in one row)."""
+    images = torch.as_tensor(images).detach().cpu()
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    B, _, H, W = images.shape
+    nrow = min(nrow or B, B)
+    rows = -(-B // nrow)
+    grid = torch.full((3, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=torch.uint8)
+    for i in range(B):
+        y, x = pad + (i // nrow) * (H + pad), pad + (i % nrow) * (W + pad)
+        grid[:, y:y + H, x:x + W] = images[i]
+    return grid
+
+
+def to_pil(image, scale=1):
+    """uint8 (3, H, W) -> PIL image, enlarged `scale` times with nearest neighbour so that
+    tiny images stay crisp."""
+    array = torch.as_tensor(image).detach().cpu().permute(1, 2, 0).numpy()
+    pil = Image.fromarray(np.ascontiguousarray(array))  # (H, W, 3) uint8 -> RGB
+    if scale != 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    return pil
+
+
+def auto_scale(height, target=256):
+    """Integer enlargement that brings a tile of `height` pixels near `target`."""
+    return max(1, target // max(height, 1))
+
+
+def save_grid(images, path, nrow=None, scale=None):
+    """Write uint8 (B, 3, H, W) as one grid PNG; scale None enlarges small images. Returns path."""
+    images = torch.as_tensor(images)
+    grid = make_grid(images, nrow)
+    scale = scale or auto_scale(images.shape[-2], target=64)
+    _makedirs(path)
+    to_pil(grid, scale).save(path)
+    return path
+
+
+def save_gif(frames, path, duration_ms=80, final_hold_ms=1500, scale=1):
+    """Write uint8 (3, H, W) frames as a looping GIF to a path or a binary file object
+    (e.g. io.BytesIO, to show it in a notebook); the last frame is held longer."""
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    pils = [to_pil(f, scale) for f in frames]
+    durations = [duration_ms] * (len(pils) - 1) + [final_hold_ms]
+    if isinstance(path, (str, os.PathLike)):
+        _makedirs(path)
+    pils[0].save(path, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
+    return path
+
+
+def show_known(images, known_mask):
+    """Display version of a partly known image: unknown pixels become a grey checkerboard.
+    images uint8 (B, 3, H, W); known_mask bool broadcastable to it -> uint8 (B, 3, H, W)."""
+    images = torch.as_tensor(images)
+    known = torch.broadcast_to(torch.as_tensor(known_mask, device=images.device), images.shape)
+    H, W = images.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    tile = max(1, H // 8)
+    board = torch.where(((ys // tile + xs // tile) % 2) == 0, HIDDEN_DARK, HIDDEN_LIGHT).to(torch.uint8)
+    return torch.where(known, images, board.to(images.device).expand_as(images))
+
+
+def load_image(path, size):
+    """Read an image file -> uint8 (1, 3, size, size): short side resized (bicubic) to
+    `size`, then centre-cropped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input image {path!r} does not exist; pass an existing image file")
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        scale = size / min(img.size)
+        if img.size != (size, size):
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                             Image.BICUBIC)
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def _makedirs(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
