@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import KVCache, attend, init_weights, merge_heads, patchify, run_blocks, split_heads, unpatchify
+from .layers import KVCache, attend, dropout_in_training, init_weights, merge_heads, patchify, run_blocks, unpatchify
 
 # (quirk) The official AR blocks hard-code these, whatever the dropout flags say; the
 # pretrained weights were trained with them.
@@ -36,14 +36,25 @@ def rope_2d_table(grid_size, head_dim, num_prefix_tokens=1, base=ROPE_BASE):
     return torch.cat([prefix, table], dim=0)
 
 
-def apply_rope(x, table):
-    """x: (B, T, nh, hd); table: (T, hd/2, 2). Rotates channel pairs (2j, 2j+1) in float32."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, nh, hd/2, 2)
-    cos = table[None, :, None, :, 0]
-    sin = table[None, :, None, :, 1]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+def rope_factors(table, num_heads=1):
+    """(T, hd/2, 2) table of (cos, sin) -> cos, sin, each (T, num_heads * hd), laid out for
+    `apply_rope`: channel pair (2j, 2j+1) of every head gets (cos_j, cos_j) and (-sin_j, sin_j)."""
+    cos, sin = table.unbind(-1)
+    cos, sin = torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return cos.repeat(1, num_heads), sin.repeat(1, num_heads)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, T, ..., nh*hd), heads side by side; cos, sin: (T, nh*hd) from `rope_factors`.
+    Rotates each channel pair (x0, x1) = (2j, 2j+1) to (x0 cos - x1 sin, x1 cos + x0 sin),
+    in float32.
+
+    Written as x * cos + pair_swap(x) * sin over whole rows of heads: four vectorised
+    tensor ops, and the very same floats (a + b * (-s) is a - b * s exactly)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[1],)
+    return (xf * cos.view(shape) + swapped * sin.view(shape)).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -53,9 +64,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same floats, fewer ops
+        # normalised in float32 and cast back before the weight, as LlamaGen does
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class CausalRopeAttention(nn.Module):
@@ -69,15 +81,16 @@ class CausalRopeAttention(nn.Module):
         self.resid_dropout = nn.Dropout(AR_RESID_DROPOUT)
 
     def forward(self, x, rope, cache=None):
+        """x: (B, T, D); rope: (cos, sin) rows for these T positions (see `apply_rope`)."""
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).split(D, dim=-1)
-        hd = D // self.num_heads
-        q = apply_rope(q.view(B, T, self.num_heads, hd), rope).transpose(1, 2)  # (B, nh, T, hd)
-        k = apply_rope(k.view(B, T, self.num_heads, hd), rope).transpose(1, 2)
-        v = split_heads(v, self.num_heads)
+        heads = (B, T, self.num_heads, D // self.num_heads)
+        qkv = self.wqkv(x).view(B, T, 3, D)
+        qk = apply_rope(qkv[:, :, :2], *rope)  # (B, T, 2, D): q and k rotated together
+        q, k = qk[:, :, 0].view(heads).transpose(1, 2), qk[:, :, 1].view(heads).transpose(1, 2)  # (B, nh, T, hd)
+        v = qkv[:, :, 2].view(heads).transpose(1, 2)
         # attention-probability dropout is 0 in the official AR
         out = merge_heads(attend(q, k, v, causal=True, cache=cache))
-        return self.resid_dropout(self.wo(out))
+        return dropout_in_training(self.resid_dropout, self.wo(out))
 
 
 class SwiGLU(nn.Module):
@@ -89,7 +102,7 @@ class SwiGLU(nn.Module):
         self.ffn_dropout = nn.Dropout(AR_FFN_DROPOUT)
 
     def forward(self, x):
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return dropout_in_training(self.ffn_dropout, self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class ARBlock(nn.Module):
@@ -127,8 +140,9 @@ class AR(nn.Module):
         self.cond_emb = nn.Linear(cond_embed_dim, embed_dim)
         self.blocks = nn.ModuleList([ARBlock(embed_dim, num_heads) for _ in range(num_blocks)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.register_buffer("rope", rope_2d_table(self.grid_size, embed_dim // num_heads),
-                             persistent=False)
+        rope_cos, rope_sin = rope_factors(rope_2d_table(self.grid_size, embed_dim // num_heads), num_heads)
+        self.register_buffer("rope_cos", rope_cos, persistent=False)  # (L+1, D)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
         self.apply(init_weights)
 
@@ -144,7 +158,7 @@ class AR(nn.Module):
         B, L, _ = patches.shape
         x = torch.cat([self.cond_emb(cond_list[0]).unsqueeze(1), self.patch_emb(patches)], dim=1)
         x = self.embed(x, 0)  # (B, L+1, D)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=self.rope)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=(self.rope_cos, self.rope_sin))
         x = self.norm(x)[:, :L]  # output i conditions patch i
         next_patches = patches.reshape(B * L, 3, self.patch_size, self.patch_size)
         return next_patches, [x.reshape(B * L, -1)], x.new_zeros(())
@@ -171,7 +185,7 @@ class AR(nn.Module):
         caches = [KVCache(max_len=L + 1) for _ in self.blocks]
         x = self.cond_emb(cond).unsqueeze(1)  # (rows, 1, D): position 0 is the condition
         for step in range(L):
-            rope = self.rope[step:step + 1]
+            rope = (self.rope_cos[step:step + 1], self.rope_sin[step:step + 1])
             h = run_blocks(self.blocks, self.embed(x, step), caches=caches, rope=rope)
             h = self.norm(h)[:, 0]  # (rows, D): condition for patch `step`
             if cfg_schedule == "linear":

@@ -87,6 +87,17 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+def dropout_in_training(dropout, x):
+    """dropout(x) in training; in eval, where dropout is the identity, the module call is
+    skipped: sampling runs the blocks once per token, and each call costs microseconds."""
+    return dropout(x) if dropout.training else x
+
+
+def take_rows(x, index):
+    """x: (B, T, D), index: (B, K) long -> (B, K, D) with row b, k = x[b, index[b, k]]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     """Scaled dot-product attention over (B, nh, T, hd) tensors, scale 1/sqrt(hd).
 
@@ -118,11 +129,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, keep=None):
+        """x: (B, T, D) -> (B, T, D); with keep (B, K) token indices (bidirectional only),
+        only those tokens query (every token is still a key and value) -> (B, K, D)."""
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if keep is not None:
+            if self.causal:
+                raise ValueError("keep selects queries of bidirectional attention only")
+            q = q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, nh, K, hd)
         p = self.attn_drop.p if self.training else 0.0
         x = merge_heads(attend(q, k, v, self.causal, p, cache))
-        return self.proj_drop(self.proj(x))
+        return dropout_in_training(self.proj_drop, self.proj(x))
 
 
 class Mlp(nn.Module):
@@ -137,7 +154,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        x = dropout_in_training(self.drop1, self.act(self.fc1(x)))
+        return dropout_in_training(self.drop2, self.fc2(x))
 
 
 class Block(nn.Module):
@@ -151,8 +169,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.norm1(x), cache=cache)
+    def forward(self, x, cache=None, keep=None):
+        """x: (B, T, D) -> (B, T, D). keep: optional (B, K) indices of the tokens whose
+        outputs are wanted; the others are skipped after serving as keys and values (the
+        attention projection and MLP run on K rows only) -> (B, K, D)."""
+        h = self.attn(self.norm1(x), cache=cache, keep=keep)
+        x = (x if keep is None else take_rows(x, keep)) + h
         return x + self.mlp(self.norm2(x))
 
 

@@ -12,6 +12,7 @@ from .pixelloss import PixelLoss
 # (quirk) The guiding-pixel head of the official 256x256 models has this fixed shape.
 GUIDING_HEAD = dict(width=128, depth=3, num_heads=4, r_weight=5.0)
 MASK_RATIO_MEAN, MASK_RATIO_STD = 1.0, 0.25
+NUM_NEIGHBOUR_CONDS = 5  # middle, top, right, bottom, left
 
 
 class MAR(nn.Module):
@@ -34,6 +35,9 @@ class MAR(nn.Module):
         self.guiding_pixel = guiding_pixel
         self.grad_checkpointing = grad_checkpointing
         self.num_prefix = num_conds + int(guiding_pixel)
+        # how many of the five conditions the next level reads (FractalGen sets it: the
+        # pixel head and AR levels read the middle one only); the others are not computed
+        self.num_next_conds = NUM_NEIGHBOUR_CONDS
         # test seam: (orders (N, L), k) replacing the random masking, see `fixed_masking`
         self.fixed_masking = None
 
@@ -62,14 +66,17 @@ class MAR(nn.Module):
         Training: per-sample random order and mask ratio ~ N(1, 0.25) truncated to [0, 1],
         ceil(L * ratio) masked. Eval: one count k ~ U{1..L} for the whole batch."""
         L = self.seq_len
+        orders = k = None
         if self.fixed_masking is not None:
             orders, k = self.fixed_masking
+        if orders is not None:
             if orders.shape != (batch, L):
                 raise ValueError(f"fixed masking orders have shape {tuple(orders.shape)}, "
                                  f"this level needs ({batch}, {L})")
             orders = orders.to(device=device, dtype=torch.long)
         else:
             orders = torch.rand(batch, L, device=device).argsort(dim=1)
+        if k is None:
             if self.training:
                 ratio = torch.empty(batch, device=device)
                 nn.init.trunc_normal_(ratio, MASK_RATIO_MEAN, MASK_RATIO_STD, 0.0, 1.0)
@@ -81,9 +88,16 @@ class MAR(nn.Module):
         return ranks < k
 
     # ----------------------------------------------------------------- network
-    def predict(self, patches, mask, cond_list):
+    def predict(self, patches, mask, cond_list, keep=None):
         """patches: (B, L, 3p^2), mask: (B, L) bool, cond_list: num_conds tensors (B, C)
-        [+ guiding pixel (B, 3)]. Returns the patch outputs (B, L, D)."""
+        [+ guiding pixel (B, 3)]; keep: optional (B, K) patch positions whose outputs are
+        wanted (default: all L, in order). Returns their outputs (B, K, D).
+
+        Every token is attended to, but the last block computes outputs for the kept
+        patches only: the condition tokens' and the other patches' outputs are never read."""
+        B, L = mask.shape
+        if keep is None:
+            keep = torch.arange(L, device=mask.device).expand(B, L)
         x = self.patch_emb(patches)
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         prefix = [self.cond_emb(cond_list[i]) for i in reversed(range(self.num_conds))]
@@ -91,21 +105,36 @@ class MAR(nn.Module):
             prefix.insert(0, self.pix_proj(cond_list[self.num_conds]))
         x = torch.cat([torch.stack(prefix, dim=1).to(x.dtype), x], dim=1)  # (B, P+L, D)
         x = self.patch_emb_ln(x + self.pos_embed_learned)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
-        return self.norm(x)[:, self.num_prefix:]
+        x = run_blocks(self.blocks[:-1], x, self.grad_checkpointing)
+        x = run_blocks(self.blocks[-1:], x, self.grad_checkpointing, keep=keep + self.num_prefix)
+        return self.norm(x)
+
+    def next_conditions(self, x, keep, rows, count=None):
+        """Conditions of the patches handed to the next level.
+
+        x: (B, K, D) outputs at the positions keep (B, K), which must include every patch
+        of rows and, when the next level reads more than the middle condition, their
+        neighbours; rows: (B, L) bool. Returns the first `count` (default num_next_conds)
+        of [middle, top, right, bottom, left], each (N, D) with N = rows.sum() in
+        (sample, position) order; a neighbour across the image border is zero.
+        """
+        B, K, D = x.shape
+        g, w = self.grid_size, self.grid_size + 2
+        # the outputs on a zero-bordered w x w grid, so that border neighbours read zeros
+        slots = (keep // g + 1) * w + keep % g + 1  # (B, K)
+        grid = x.new_zeros(B, w * w, D).scatter(1, slots.unsqueeze(-1).expand(-1, -1, D), x)
+        b, pos = rows.nonzero(as_tuple=True)  # (N,) each
+        centre = b * w * w + (pos // g + 1) * w + pos % g + 1
+        offsets = (0, -w, 1, w, -1)[:count or self.num_next_conds]  # middle, top, right, bottom, left
+        flat = grid.view(B * w * w, D)
+        return [flat[centre + offset] for offset in offsets]
 
     def neighbour_conditions(self, x):
-        """x: (B, L, D) -> [middle, top, right, bottom, left], each (B, L, D)."""
+        """x: (B, L, D) outputs of every patch -> [middle, top, right, bottom, left], each (B, L, D)."""
         B, L, D = x.shape
-        g = self.grid_size
-        grid = x.reshape(B, g, g, D)
-        zero_row = grid.new_zeros(B, 1, g, D)
-        zero_col = grid.new_zeros(B, g, 1, D)
-        top = torch.cat([zero_row, grid[:, :-1]], dim=1)
-        bottom = torch.cat([grid[:, 1:], zero_row], dim=1)
-        left = torch.cat([zero_col, grid[:, :, :-1]], dim=2)
-        right = torch.cat([grid[:, :, 1:], zero_col], dim=2)
-        return [x] + [t.reshape(B, L, D) for t in (top, right, bottom, left)]
+        keep = torch.arange(L, device=x.device).expand(B, L)
+        rows = torch.ones(B, L, dtype=torch.bool, device=x.device)
+        return [c.view(B, L, D) for c in self.next_conditions(x, keep, rows, NUM_NEIGHBOUR_CONDS)]
 
     def forward(self, imgs, cond_list):
         """imgs: (B, 3, H, W); cond_list: conditions (B, C). Returns the masked patches
@@ -120,10 +149,11 @@ class MAR(nn.Module):
             cond_list.append(guiding)
         else:
             guiding_loss = imgs.new_zeros(())
-        x = self.predict(patches, mask, cond_list)
+        keep = needed_positions(mask, self.grid_size, self.num_next_conds > 1)
+        x = self.predict(patches, mask, cond_list, keep)  # (B, K, D)
         p = self.patch_size
         next_patches = patches[mask].reshape(-1, 3, p, p)
-        return next_patches, [c[mask] for c in self.neighbour_conditions(x)], guiding_loss
+        return next_patches, self.next_conditions(x, keep, mask), guiding_loss
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -161,11 +191,6 @@ class MAR(nn.Module):
 
         num_steps = min(L, num_iter)
         for step in range(num_steps):
-            tokens, token_mask = patches, mask
-            if guided:
-                tokens, token_mask = torch.cat([patches, patches]), torch.cat([mask, mask])
-            x = self.predict(tokens, token_mask, cond_list)  # (rows, L, D)
-
             masked_now = mask.sum(dim=1)
             target = (num_unknown * math.cos(math.pi / 2 * (step + 1) / num_steps)).floor().long()
             # keep at least one masked for the next step while any is left
@@ -182,8 +207,12 @@ class MAR(nn.Module):
                 cfg_iter = 1 + (cfg - 1) * progress
             else:
                 cfg_iter = cfg
-            rows = torch.cat([to_predict, to_predict]) if guided else to_predict
-            cond_next = [c[rows] for c in self.neighbour_conditions(x)]
+            keep = needed_positions(to_predict, self.grid_size, self.num_next_conds > 1)
+            tokens, token_mask, rows = patches, mask, to_predict
+            if guided:  # both halves see the same patches
+                tokens, token_mask, rows, keep = (torch.cat([t, t]) for t in (patches, mask, to_predict, keep))
+            x = self.predict(tokens, token_mask, cond_list, keep)  # (rows, K, D)
+            cond_next = self.next_conditions(x, keep, rows)
             if to_predict.any():
                 patches[to_predict] = sample_patches(
                     next_level_sample_function, cond_next, cfg_iter, temperature, filter_threshold,
@@ -194,12 +223,42 @@ class MAR(nn.Module):
         return unpatchify(patches, p, self.grid_size)
 
 
+# The last block skips the patches whose outputs the next level does not read. The kept
+# count is padded to a multiple of KEEP_MULTIPLE: at such row counts the CPU matmul and
+# attention kernels compute every row exactly as in the full pass (1-3 leftover rows take
+# code paths that round differently), so skipping changes no sampled value;
+# tests/test_benchmark.py checks this against the full pass.
+KEEP_MULTIPLE = 4
+
+
+def needed_positions(rows, grid_size, neighbours):
+    """rows: (B, L) bool of the patches handed to the next level -> (B, K) positions whose
+    outputs are needed: those patches (and their four neighbours if `neighbours`) first,
+    padded with others to a common K; all L when that is (nearly) all."""
+    B, L = rows.shape
+    need = rows
+    if neighbours:
+        grid = rows.view(B, grid_size, grid_size)
+        need = grid.clone()
+        need[:, :-1] |= grid[:, 1:]  # the patch above a handed-down one is its "top" condition
+        need[:, 1:] |= grid[:, :-1]
+        need[:, :, :-1] |= grid[:, :, 1:]
+        need[:, :, 1:] |= grid[:, :, :-1]
+        need = need.view(B, L)
+    k = -(-int(need.sum(dim=1).max()) // KEEP_MULTIPLE) * KEEP_MULTIPLE
+    if k >= L:
+        return torch.arange(L, device=rows.device).expand(B, L)
+    return torch.sort((~need).to(torch.uint8), dim=1, stable=True).indices[:, :max(k, KEEP_MULTIPLE)]
+
+
 @contextmanager
 def fixed_masking(model, tables):
     """Test seam: replace the random masking of MAR levels by stored orders.
 
-    tables: {fractal_level: {"orders": (N, L) int tensor, "k": int}}; at that level the
-    masked set of row r is orders[r, :k]. Restores random masking on exit.
+    tables: {fractal_level: {"orders": (N, L) int tensor or None, "k": int}}; at that
+    level the masked set of row r is orders[r, :k]; with orders None the orders stay
+    random and only the count is fixed (the benchmark times eval at chosen counts).
+    Restores random masking on exit.
     """
     levels = dict(enumerate(model.levels()))
     try:
@@ -207,7 +266,9 @@ def fixed_masking(model, tables):
             generator = levels[int(level)].generator
             if not isinstance(generator, MAR):
                 raise ValueError(f"level {level} is not a MAR level")
-            generator.fixed_masking = (torch.as_tensor(table["orders"]).long(), int(table["k"]))
+            orders = table.get("orders")
+            orders = None if orders is None else torch.as_tensor(orders).long()
+            generator.fixed_masking = (orders, int(table["k"]))
         yield model
     finally:
         for level in levels.values():

@@ -16,11 +16,11 @@ class MlmLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, vocab_size))
 
     def forward(self, h, codebook):
-        return h @ codebook.t() + self.bias
+        return torch.addmm(self.bias, h, codebook.t())
 
 
 class PixelLoss(nn.Module):
-    """A 4-token causal transformer over [condition, r, g, b].
+    """A causal transformer over the tokens [condition, r, g, b].
 
     Position 0 predicts red from the condition, position 1 green (having seen red),
     position 2 blue. Each channel has its own codebook, tied between input embedding and
@@ -69,34 +69,42 @@ class PixelLoss(nn.Module):
     def channel_logits(self, h, channel):
         """h: (N, W) hidden state at the position that predicts `channel` -> (N, 256) float32."""
         codebook = self.codebooks()[channel].weight
+        if not torch.is_autocast_enabled(h.device.type):  # skip the context: sampling calls this per pixel
+            return self.heads()[channel](h.float(), codebook.float())
         with torch.autocast(device_type=h.device.type, enabled=False):
             return self.heads()[channel](h.float(), codebook.float())
 
     def predict(self, target, cond_list):
         """target: (N, 3) normalised pixels; cond_list[0]: (N, C).
         Returns logits (N, 3, 256) in float32 and the integer targets (N, 3)."""
+        h, ids = self.hidden(target, cond_list)
+        return torch.stack([self.channel_logits(h[:, c], c) for c in range(3)], dim=1), ids
+
+    def hidden(self, target, cond_list):
+        """target: (N, 3) normalised pixels; cond_list[0]: (N, C). Returns the states
+        (N, 3, W) that predict r, g and b, and the integer targets (N, 3)."""
         target = target.reshape(target.shape[0], 3)
         # (quirk) a tiny dither before rounding breaks banker's-rounding ties the way the
         # pretrained weights saw them
         values = (target * self.pix_std + self.pix_mean) * 255
         # the clamp only matters for out-of-range input, which would otherwise fail deep in an embedding lookup
         ids = (values + 1e-2 * torch.randn_like(values)).round().long().clamp(0, NUM_LEVELS - 1)
+        # The blue token is left out: its output predicts nothing and, the attention being
+        # causal, no other position sees it, so positions 0..2 are the same without it.
         x = torch.stack([
             self.cond_proj(cond_list[0]),
             self.r_codebook(ids[:, 0]),
             self.g_codebook(ids[:, 1]),
-            self.b_codebook(ids[:, 2]),
-        ], dim=1)  # (N, 4, W)
-        x = self.norm(run_blocks(self.blocks, self.ln(x)))
-        logits = torch.stack([self.channel_logits(x[:, c], c) for c in range(3)], dim=1)  # (N, 3, 256)
-        return logits, ids
+        ], dim=1)  # (N, 3, W)
+        return self.norm(run_blocks(self.blocks, self.ln(x))), ids
 
     def forward(self, target, cond_list):
         """Mean cross-entropy (nats per sub-pixel) of `target` (N, 3[, 1, 1]) given
         cond_list[0] (N, C). Training weighs red by r_weight; eval is the plain mean."""
-        logits, ids = self.predict(target, cond_list)
-        ce = F.cross_entropy(logits.reshape(-1, NUM_LEVELS), ids.reshape(-1), reduction="none")
-        ce = ce.reshape(-1, 3)
+        h, ids = self.hidden(target, cond_list)
+        # one cross-entropy per channel: the (N, 3, 256) logits are never stacked
+        ce = torch.stack([F.cross_entropy(self.channel_logits(h[:, c], c), ids[:, c], reduction="none")
+                          for c in range(3)], dim=1)  # (N, 3)
         if self.training:
             loss = (self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)
         else:
@@ -110,7 +118,7 @@ class PixelLoss(nn.Module):
         normalised values and bools; known channels are taken instead of drawn (and the
         later channels are conditioned on them). Returns (N, 3) normalised pixels.
 
-        Each channel is one cached step of the 4-token causal transformer, so the three
+        Each channel is one cached step of the causal transformer, so the three
         passes cost one token each."""
         cond = cond_list[0]
         guided = cfg != 1.0
@@ -124,17 +132,26 @@ class PixelLoss(nn.Module):
             h = self.norm(run_blocks(self.blocks, self.ln(x), caches=caches))[:, 0]
             logits = self.channel_logits(h, c)
             # (quirk) temperature multiplies the logits; the pretrained settings assume it
-            logits = logits * temperature
+            if temperature != 1.0:
+                logits = logits * temperature
             if guided:
                 logits = guided_logits(logits[:n], logits[n:], cfg, filter_threshold)
-            probs = torch.softmax(logits, dim=-1)
-            ids[:, c] = torch.multinomial(probs, num_samples=1).squeeze(-1)
+            ids[:, c] = sample_categorical(torch.softmax(logits, dim=-1))
             if known_ids is not None:
                 ids[:, c] = torch.where(known_mask[:, c], known_ids[:, c], ids[:, c])
             if c < 2:
                 next_ids = torch.cat([ids[:, c], ids[:, c]]) if guided else ids[:, c]
                 x = self.codebooks()[c](next_ids).unsqueeze(1)
         return self.from_pixel_ids(ids)
+
+
+def sample_categorical(probs):
+    """One draw per row of (N, V) probabilities -> (N,) ids.
+
+    The same draws from the same random numbers as torch.multinomial(probs, 1), whose
+    one-sample path is argmax(p / q) with q ~ Exp(1), without its input checks (reductions
+    and host syncs, a large share of the per-pixel cost)."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
 def guided_logits(cond_logits, uncond_logits, cfg, filter_threshold):

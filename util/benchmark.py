@@ -1,0 +1,634 @@
+"""Speed of FractalGen: training, NLL evaluation and sampling, with a per-level breakdown.
+
+    python -m util.benchmark                                  # bench64 and bench64ar on CPU
+    python -m util.benchmark --configs bench64 --threads 2 --json bench.json
+    python -m util.benchmark --device cuda                    # adds every official configuration
+    python -m util.benchmark --precision fp32 bf16 --compile off on   # opt-in rows
+
+Models get random weights (or --checkpoint), inputs are random images and labels, and
+every number comes after warm-up:
+- train: images/s of forward + backward + grad clip + AdamW, median over --steps steps;
+- eval:  images/s of the eval-mode (NLL) forward under inference_mode, total images over
+         total time (MAR levels draw a random mask count per forward, so the cost of one
+         forward varies; the seed fixes the sequence);
+- sample: seconds per image of `model.generate` (CFG, linear schedule), split into the
+         time spent inside each level's generator excluding its children, and the pixel head;
+- peak memory of each phase (CUDA: max allocated; CPU: the process's peak resident set);
+- FLOPs per image of each phase and level (torch.utils.flop_counter formulas, causal
+  attention counted in full) and, divided by the time, the fraction of this machine's
+  measured fp32 (or bf16) matmul rate that the phase reaches.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from models import DEFAULT_SAMPLING, MAR, MODELS, FractalGen, create_model, fixed_masking, from_uint8
+
+# Reference configurations of the performance issue: the 64x64 architecture scaled down
+# so that CPU runs take seconds.
+BENCH_CONFIGS = {
+    "bench64": dict(img_size_list=(64, 4, 1), embed_dim_list=(256, 128, 64), num_blocks_list=(4, 2, 1),
+                    num_heads_list=(4, 4, 2), generator_type_list=("mar", "mar", "ar"), num_conds=5,
+                    class_num=1000),
+    "bench64ar": dict(img_size_list=(64, 4, 1), embed_dim_list=(256, 128, 64), num_blocks_list=(4, 2, 1),
+                      num_heads_list=(4, 4, 2), generator_type_list=("ar", "ar", "ar"), num_conds=5,
+                      class_num=1000),
+    # seconds on CPU: for smoke tests of this tool
+    "tiny": dict(img_size_list=(8, 4, 1), embed_dim_list=(32, 16, 16), num_blocks_list=(1, 1, 1),
+                 num_heads_list=(2, 2, 2), generator_type_list=("mar", "mar", "ar"), num_conds=5,
+                 class_num=10),
+}
+BENCH_SAMPLING = dict(num_iter_list=(16, 4), cfg=2.0, cfg_schedule="linear", temperature=1.0,
+                      filter_threshold=1e-4)
+OFFICIAL = ["fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
+            "fractalmar_huge_in256"]
+DEFAULT_BATCH = {"cpu": dict(train=8, eval=16, sample=4), "cuda": dict(train=32, eval=64, sample=64)}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------- model and data
+def build_model(name, device, checkpoint=None):
+    """A named configuration (BENCH_CONFIGS or models.MODELS) with random weights, or the
+    weights of `checkpoint` (a file holding a state_dict or {'model': state_dict})."""
+    if name in BENCH_CONFIGS:
+        model = FractalGen(**BENCH_CONFIGS[name])
+    elif name in MODELS:
+        model = create_model(name)
+    else:
+        raise SystemExit(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state))
+    return model.to(device)
+
+
+def sampling_settings(name, num_iter=None, cfg=None):
+    settings = dict(DEFAULT_SAMPLING.get(name, BENCH_SAMPLING)) if name in OFFICIAL else dict(BENCH_SAMPLING)
+    if num_iter is not None:
+        settings["num_iter_list"] = tuple(num_iter)
+    if cfg is not None:
+        settings["cfg"] = cfg
+    return settings
+
+
+def random_batch(model, batch, device, generator):
+    """Valid random images (ImageNet-normalised, on the 1/255 grid) and labels."""
+    size = model.img_size
+    u8 = torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, model.class_num, (batch,), generator=generator)
+    return from_uint8(u8).to(device), labels.to(device)
+
+
+# ---------------------------------------------------------------------- measurement helpers
+def keep_freed_memory():
+    """Make glibc serve every allocation from its heap and keep freed memory (mallopt
+    M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB) instead of mapping fresh pages for each large
+    tensor and unmapping them on free. On CPU the first touch of a fresh page is a page
+    fault: about 20 ms per 64 MB tensor on the reference machine, and a training step of
+    bench64 allocates dozens of those. Process-wide; returns whether it was applied
+    (False off glibc)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a code region: CUDA max allocated bytes, or on CPU the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs; None where unsupported)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/status") as f:
+                    line = next(l for l in f if l.startswith("VmHWM"))
+                self.peak = int(line.split()[1]) * 1024
+            except (OSError, StopIteration):
+                self.peak = None
+        return False
+
+
+def autocast(device, precision):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def matmul_rate(device, dtype=torch.float32, max_n=2048, reps=5, min_seconds=0.02):
+    """FLOP/s of a square n x n x n matmul on this device (median of `reps`).
+
+    n doubles from 256 up to `max_n` while one product takes under `min_seconds`: a dtype
+    without hardware support (bf16 on a CPU without AVX512-BF16/AMX runs at ~1 GFLOP/s)
+    is measured on a small product instead of taking minutes."""
+    def median_time(n):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(reps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    n = 256
+    seconds = median_time(n)
+    while seconds < min_seconds and n < max_n:
+        n *= 2
+        seconds = median_time(n)
+    return 2 * n ** 3 / seconds
+
+
+# ---------------------------------------------------------------------- sections (time and FLOPs)
+def _cpu_flash_forward(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _linear(x, weight, *args, out_shape=None, **kwargs):
+    return 2 * math.prod(x[:-1]) * weight[0] * weight[1]
+
+
+def _flop_formulas():
+    """torch's FLOP formulas (matmuls, convolutions, attention) plus what its registry does
+    not list: the CPU flash-attention kernels, and linear, which inference_mode dispatches
+    whole instead of as a matmul."""
+    from torch.utils.flop_counter import shape_wrapper
+    formulas = dict(flop_registry)
+    aten = torch.ops.aten
+    formulas[aten.linear] = shape_wrapper(_linear)
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(_cpu_flash_forward)
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(_cpu_flash_backward)
+    return formulas
+
+
+class Sections:
+    """Exclusive wall time, calls and FLOPs of nested named code regions.
+
+    `with sections("L1 mar"):` inside `with sections("L0 mar"):` charges the inner time to
+    L1 only. While `count_flops()` is active, every matmul/attention FLOP is charged to the
+    innermost open section ("other" outside any).
+    """
+
+    def __init__(self, device=None):
+        self.device = device
+        self.stack = []  # [name, start, child_time]
+        self.time = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.flops = defaultdict(int)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.device is not None:
+            synchronize(self.device)
+        frame = [name, time.perf_counter(), 0.0]
+        self.stack.append(frame)
+        try:
+            yield
+        finally:
+            if self.device is not None:
+                synchronize(self.device)
+            elapsed = time.perf_counter() - frame[1]
+            self.stack.pop()
+            self.time[name] += elapsed - frame[2]
+            self.calls[name] += 1
+            if self.stack:
+                self.stack[-1][2] += elapsed
+
+    def current(self):
+        return self.stack[-1][0] if self.stack else "other"
+
+    def count_flops(self):
+        return _FlopMode(self)
+
+
+class _FlopMode(TorchDispatchMode):
+    def __init__(self, sections):
+        super().__init__()
+        self.sections = sections
+        self.formulas = _flop_formulas()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.sections.flops[self.sections.current()] += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def level_names(model):
+    """Section names, top to bottom: 'L0 mar', 'L1 ar', ..., 'pixel head'."""
+    names = [f"L{i} {type(level.generator).__name__.lower()}" for i, level in enumerate(model.levels())]
+    return names + ["pixel head"]
+
+
+@contextlib.contextmanager
+def instrument_levels(model, sections):
+    """Charge each level generator's sampling (and forward) and the pixel head to a
+    section, by shadowing their `sample` / `forward` with timed wrappers on the instance
+    (removed on exit; the model code is untouched)."""
+    levels = list(model.levels())
+    targets = [level.generator for level in levels] + [levels[-1].next_fractal]
+    patched = []
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with sections(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    try:
+        for name, module in zip(level_names(model), targets):
+            for attr in ("sample", "forward"):
+                setattr(module, attr, timed(name, getattr(module, attr)))
+                patched.append((module, attr))
+        yield
+    finally:
+        for module, attr in patched:
+            delattr(module, attr)
+
+
+# ---------------------------------------------------------------------- phases
+def rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def level_flops(sections, model, count):
+    """FLOPs per image of each level, and in total, from a counting pass over `count` images."""
+    levels = {name: sections.flops[name] / count for name in level_names(model)}
+    return sum(levels.values()) + sections.flops["other"] / count, levels
+
+
+def bench_train(model, batch, steps, warmup, device, precision, generator, flops=False):
+    """Median images/s of full training steps (forward, backward, grad clip, AdamW) and
+    peak memory; with flops, the FLOPs per image of the first timed step (forward and
+    backward, by level: forward by level, backward in 'other')."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    imgs, labels = random_batch(model, batch, device, generator)
+
+    def step():
+        with autocast(device, precision):
+            loss = model(imgs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    state = rng_state(device)
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    result = dict(images_per_s=batch / statistics.median(times), step_s=statistics.median(times),
+                  peak_mem_bytes=memory.peak)
+    if flops:
+        set_rng_state(device, state)  # the masks of the first timed step
+        sections = Sections()
+        with instrument_levels(model, sections), sections.count_flops(), autocast(device, precision):
+            model(imgs, labels).backward()
+        result["flops_per_image"], result["levels_flops_per_image"] = level_flops(sections, model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def mask_count_design(model):
+    """Eval-mode mask counts to time MAR levels at: one {level: {"orders": None, "k": k}}
+    table per forward, the full factorial of floor and ceil of each level's mean count
+    (L + 1) / 2. The NLL forward's cost is linear in each level's count (a level's work
+    is proportional to the patches its parent hands down), so the mean time over these
+    forwards is the expected time under uniformly drawn counts -- without the noise of a
+    few random draws, and the same for every implementation timed this way."""
+    choices = {}
+    for index, level in enumerate(model.levels()):
+        if isinstance(level.generator, MAR):
+            L = level.generator.seq_len
+            choices[index] = sorted({(L + 1) // 2, L // 2 + 1})  # {128, 129} for L = 256
+    design = [{}]
+    for index, counts in choices.items():
+        design = [{**table, index: {"orders": None, "k": k}} for table in design for k in counts]
+    return design
+
+
+def bench_eval(model, batch, steps, warmup, device, precision, generator, flops=False):
+    """Images/s of the eval-mode NLL forward under inference_mode: total images over total
+    time of at least `steps` forwards cycling through `mask_count_design` (a MAR level's
+    cost depends on its mask count); with flops, the FLOPs per image of those forwards."""
+    model.eval()
+    imgs, labels = random_batch(model, batch, device, generator)
+    design = mask_count_design(model)
+    tables = design * math.ceil(steps / len(design))
+
+    def forwards():
+        for table in tables:
+            with fixed_masking(model, table):
+                model(imgs, labels)
+
+    with torch.inference_mode(), autocast(device, precision):
+        for _ in range(warmup):
+            model(imgs, labels)
+        with PeakMemory(device) as memory:
+            synchronize(device)
+            t0 = time.perf_counter()
+            forwards()
+            synchronize(device)
+            elapsed = time.perf_counter() - t0
+    result = dict(images_per_s=batch * len(tables) / elapsed, peak_mem_bytes=memory.peak,
+                  mask_counts=[{level: t["k"] for level, t in table.items()} for table in design])
+    if flops:
+        sections = Sections()
+        with torch.no_grad(), instrument_levels(model, sections), sections.count_flops(), \
+                autocast(device, precision):
+            forwards()
+        result["flops_per_image"], result["levels_flops_per_image"] = level_flops(sections, model, batch * len(tables))
+    return result
+
+
+def run_generate(model, batch, settings, device, precision, generator):
+    labels = torch.randint(0, model.class_num, (batch,), generator=generator).to(device)
+    with autocast(device, precision):
+        return model.generate(labels, **settings)
+
+
+def bench_sample(model, batch, settings, device, precision, generator, warmup, flops=False):
+    """Seconds per image of `generate` and the exclusive seconds per image spent in each
+    level; with flops, the FLOPs per image of each level, counted on a replay."""
+    model.eval()
+    for _ in range(warmup):
+        run_generate(model, 1, settings, device, precision, generator)
+    state, labels_state = rng_state(device), generator.get_state()
+    sections = Sections(device if device.type == "cuda" else None)
+    if device.type == "cuda":
+        # timers synchronise the GPU: measure the total without them, the split with them
+        with PeakMemory(device) as memory:
+            synchronize(device)
+            t0 = time.perf_counter()
+            run_generate(model, batch, settings, device, precision, generator)
+            synchronize(device)
+            total = time.perf_counter() - t0
+        with instrument_levels(model, sections):
+            run_generate(model, batch, settings, device, precision, generator)
+    else:
+        with PeakMemory(device) as memory, instrument_levels(model, sections):
+            t0 = time.perf_counter()
+            run_generate(model, batch, settings, device, precision, generator)
+            total = time.perf_counter() - t0
+    levels = {name: sections.time[name] / batch for name in level_names(model)}
+    levels["outside levels"] = max(total / batch - sum(levels.values()), 0.0)
+    result = dict(s_per_image=total / batch, levels_s_per_image=levels, peak_mem_bytes=memory.peak,
+                  calls={name: sections.calls[name] for name in level_names(model)})
+    if flops:
+        set_rng_state(device, state)
+        generator.set_state(labels_state)
+        sections = Sections()
+        with instrument_levels(model, sections), sections.count_flops():
+            run_generate(model, batch, settings, device, precision, generator)
+        result["flops_per_image"], result["levels_flops_per_image"] = level_flops(sections, model, batch)
+    return result
+
+
+def add_peak_fractions(row, rate):
+    """Achieved FLOP/s of each phase (and sampling level) as a fraction of the matmul rate."""
+    for phase in ("train", "eval"):
+        if "flops_per_image" in row.get(phase, {}):
+            r = row[phase]
+            r["achieved_flop_s"] = r["flops_per_image"] * r["images_per_s"]
+            r["fraction_of_matmul_peak"] = r["achieved_flop_s"] / rate
+    s = row.get("sample", {})
+    if "flops_per_image" in s:
+        s["achieved_flop_s"] = s["flops_per_image"] / s["s_per_image"]
+        s["fraction_of_matmul_peak"] = s["achieved_flop_s"] / rate
+        s["levels_fraction_of_matmul_peak"] = {
+            name: s["levels_flops_per_image"][name] / seconds / rate if seconds > 0 else None
+            for name, seconds in s["levels_s_per_image"].items() if name in s["levels_flops_per_image"]}
+
+
+# ---------------------------------------------------------------------- driver
+def benchmark_config(name, args, device, precision, compile_model, rate):
+    torch.manual_seed(args.seed)
+    model = build_model(name, device, args.checkpoint)
+    batch = dict(DEFAULT_BATCH[device.type])
+    for phase in batch:
+        if getattr(args, f"{phase}_batch") is not None:
+            batch[phase] = getattr(args, f"{phase}_batch")
+    settings = sampling_settings(name, args.num_iter, args.cfg)
+    generator = torch.Generator().manual_seed(args.seed)
+    if compile_model:
+        model.compile_blocks()
+    row = dict(config=name, device=device.type, precision=precision, compile=compile_model,
+               params=sum(p.numel() for p in model.parameters()), batch=batch,
+               sampling={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
+    # FLOPs are counted on the eager model: compiling changes none
+    count = args.flops and not compile_model
+    phases = args.phases
+    if "train" in phases:
+        row["train"] = bench_train(model, batch["train"], args.steps, args.warmup, device, precision,
+                                   generator, count)
+    if "eval" in phases:
+        row["eval"] = bench_eval(model, batch["eval"], args.steps, args.warmup, device, precision,
+                                 generator, count)
+    if "sample" in phases:
+        warmup = args.sample_warmup if args.sample_warmup is not None else int(device.type == "cuda" or compile_model)
+        row["sample"] = bench_sample(model, batch["sample"], settings, device, precision, generator,
+                                     warmup, count)
+    add_peak_fractions(row, rate)
+    return row
+
+
+def machine_info(device, threads):
+    info = dict(torch=torch.__version__, python=platform.python_version(), device=device.type, threads=threads)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["cpu_count"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()[0]
+    return info
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2 ** 20:.0f}M"
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(report):
+    """Plain-text table: one line per configuration/precision/compile, then the split of
+    sampling time by level (exclusive seconds per image, GFLOP per image, fraction of the
+    matmul rate) and the FLOPs per image of each phase."""
+    rate = report["matmul_flop_s"]
+    m = report["machine"]
+    lines = [f"# {m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+             f"malloc {'keep-freed' if m.get('malloc_keep_freed') else 'default'}; matmul "
+             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rate.items())]
+    header = (f"{'config':<22} {'prec':<5} {'comp':<4} {'train img/s':>11} {'mem':>6} {'%pk':>4} "
+              f"{'eval img/s':>10} {'mem':>6} {'%pk':>4} {'sample s/img':>12} {'mem':>6} {'%pk':>4}")
+    lines += [header, "-" * len(header)]
+
+    def pct(d):
+        f = d.get("fraction_of_matmul_peak")
+        return "-" if f is None else f"{100 * f:.0f}"
+
+    for row in report["results"]:
+        t, e, s = row.get("train", {}), row.get("eval", {}), row.get("sample", {})
+        lines.append(
+            f"{row['config']:<22} {row['precision']:<5} {'yes' if row['compile'] else 'no':<4} "
+            f"{fmt(t.get('images_per_s'), '.2f'):>11} {fmt_bytes(t.get('peak_mem_bytes')):>6} {pct(t):>4} "
+            f"{fmt(e.get('images_per_s'), '.2f'):>10} {fmt_bytes(e.get('peak_mem_bytes')):>6} {pct(e):>4} "
+            f"{fmt(s.get('s_per_image'), '.3f'):>12} {fmt_bytes(s.get('peak_mem_bytes')):>6} {pct(s):>4}")
+        if s:
+            flops = s.get("levels_flops_per_image", {})
+            fractions = s.get("levels_fraction_of_matmul_peak", {})
+            parts = []
+            for name, seconds in s["levels_s_per_image"].items():
+                extra = ""
+                if name in flops:
+                    extra = f" {flops[name] / 1e9:.1f} GFLOP"
+                    if fractions.get(name) is not None:
+                        extra += f" {100 * fractions[name]:.0f}%"
+                parts.append(f"{name} {seconds:.3f}s{extra}")
+            lines.append("    sampling per image: " + "; ".join(parts))
+        counted = [(phase, d) for phase, d in (("train", t), ("eval", e), ("sample", s)) if "flops_per_image" in d]
+        if counted:
+            lines.append("    GFLOP per image: " + ", ".join(f"{phase} {d['flops_per_image'] / 1e9:.2f}"
+                                                          for phase, d in counted))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=None,
+                   help=f"names from {', '.join([*BENCH_CONFIGS, *MODELS])} "
+                        "(default: bench64 bench64ar, plus every official configuration on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
+                   help="one row per precision; bf16 = torch.autocast to bfloat16")
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                   help="one row per choice; on = torch.compile of every transformer block")
+    p.add_argument("--phases", nargs="+", default=["train", "eval", "sample"], choices=["train", "eval", "sample"])
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--eval-batch", type=int, default=None)
+    p.add_argument("--sample-batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps / eval forwards")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--sample-warmup", type=int, default=None,
+                   help="untimed batch-1 generations first (default: 1 on CUDA or with compile, else 0)")
+    p.add_argument("--num-iter", type=int, nargs="+", default=None,
+                   help="sampling iterations per generator level (default: 16 4 for bench configs, "
+                        "the official settings for official configurations)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 2.0 / official)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    p.add_argument("--checkpoint", default=None, help="load these weights instead of random ones")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep (default): glibc keeps freed memory for reuse (see keep_freed_memory); "
+                        "default: glibc's own policy, as in a plain python process")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    malloc_tuned = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
+    configs = args.configs or (["bench64", "bench64ar"] + (OFFICIAL if device.type == "cuda" else []))
+    for name in configs:
+        if name not in BENCH_CONFIGS and name not in MODELS:
+            raise SystemExit(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+    if args.num_iter is not None and any(n < 1 for n in args.num_iter):
+        raise SystemExit("--num-iter values must be positive")
+
+    if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
+        print(f"note: load average {os.getloadavg()[0]:.1f}: other processes share the CPU, "
+              f"so these timings will be low and noisy", flush=True)
+    rates = {p: matmul_rate(device, PRECISIONS[p] or torch.float32) for p in args.precision}
+    report = dict(machine=dict(machine_info(device, torch.get_num_threads()), malloc_keep_freed=malloc_tuned),
+                  matmul_flop_s=rates, results=[])
+    for name in configs:
+        for precision in args.precision:
+            for compile_flag in args.compile:
+                row = benchmark_config(name, args, device, precision, compile_flag == "on", rates[precision])
+                report["results"].append(row)
+                print(format_table(dict(report, results=[row])).split("\n", 3)[-1], flush=True)
+    print()
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
