@@ -129,6 +129,11 @@ class PixelLoss(nn.Module):
         x = self.cond_proj(cond).unsqueeze(1)  # (rows, 1, W)
         ids = torch.empty(n, 3, dtype=torch.long, device=cond.device)
         for c in range(3):
+            # (quirk) The official sampler re-runs the training forward for every channel,
+            # which dithers its (here unused) targets with 0.01 * randn: (rows, 3) normals per
+            # channel. Drawing them too keeps the random stream in step with the official
+            # code, so a seed gives the official images bit for bit (tests/test_parity.py).
+            torch.randn(cond.shape[0], 3, device=cond.device)
             h = self.norm(run_blocks(self.blocks, self.ln(x), caches=caches))[:, 0]
             logits = self.channel_logits(h, c)
             # (quirk) temperature multiplies the logits; the pretrained settings assume it
