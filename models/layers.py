@@ -98,6 +98,12 @@ def take_rows(x, index):
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+# In training on CPU, SDPA's flash kernel (forward + backward) costs ~3x plain matmuls for
+# sequences this short, where its per-sequence overhead dominates: the pixel head's 3-token
+# sequences, one per pixel handed down. (Without a backward pass the two are on par.)
+SHORT_SEQUENCE = 8
+
+
 def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
     """Scaled dot-product attention over (B, nh, T, hd) tensors, scale 1/sqrt(hd).
 
@@ -112,7 +118,22 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
             if q.shape[2] != 1:
                 raise ValueError("a cached causal step must feed exactly one new token")
             causal = False
+    T = q.shape[2]
+    if (q.device.type == "cpu" and 1 < T == k.shape[2] <= SHORT_SEQUENCE and dropout_p == 0.0
+            and torch.is_grad_enabled() and q.requires_grad):
+        return explicit_attention(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+def explicit_attention(q, k, v, causal):
+    """softmax(q k^T / sqrt(hd)) v with materialised (B, nh, T, T) scores, as the official
+    pixel head computes it; for short self-attention (queries = keys)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, T, T)
+    if causal:
+        T = scores.shape[-1]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class Attention(nn.Module):
