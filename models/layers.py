@@ -75,12 +75,6 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
-def split_heads(x, num_heads):
-    """(B, T, nh*hd) -> (B, nh, T, hd)"""
-    B, T, D = x.shape
-    return x.view(B, T, num_heads, D // num_heads).transpose(1, 2)
-
-
 def merge_heads(x):
     """(B, nh, T, hd) -> (B, T, nh*hd)"""
     B, nh, T, hd = x.shape
@@ -153,7 +147,9 @@ class Attention(nn.Module):
     def forward(self, x, cache=None, keep=None):
         """x: (B, T, D) -> (B, T, D); with keep (B, K) token indices (bidirectional only),
         only those tokens query (every token is still a key and value) -> (B, K, D)."""
-        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        B, T, D = x.shape
+        # (B, T, 3D) -> (B, T, 3, nh, hd) -> three (B, nh, T, hd) views
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if keep is not None:
             if self.causal:
                 raise ValueError("keep selects queries of bidirectional attention only")

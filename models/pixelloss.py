@@ -166,8 +166,7 @@ def guided_logits(cond_logits, uncond_logits, cfg, filter_threshold):
     implausible value likely."""
     if filter_threshold > 0:
         cond_probs = torch.softmax(cond_logits, dim=-1)
-        floor = (cond_logits - cond_logits.max(dim=-1, keepdim=True).values
-                 + uncond_logits.max(dim=-1, keepdim=True).values)
+        floor = cond_logits - cond_logits.amax(dim=-1, keepdim=True) + uncond_logits.amax(dim=-1, keepdim=True)
         raised = torch.maximum(uncond_logits, floor)
         uncond_logits = torch.where(cond_probs < filter_threshold, raised, uncond_logits)
     return uncond_logits + cfg * (cond_logits - uncond_logits)
