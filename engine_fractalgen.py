@@ -20,9 +20,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def unwrap(model):
-    """The FractalGen inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)      # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)    # torch.compile
+    """The FractalGen inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
 
 
 def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writer=None):

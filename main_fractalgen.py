@@ -46,7 +46,9 @@ def get_args_parser():
     add("--precision", default=None, choices=PRECISIONS,
         help="autocast dtype; default fp16 on CUDA (as the official code; with a gradient scaler), "
              "fp32 on CPU; bf16 needs no scaler")
-    add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--compile", action="store_true",
+        help="torch.compile every transformer block (training, NLL and generation; off by default: the first "
+             "steps compile, and floats differ from eager at rounding level)")
 
     # model
     add("--model", default="fractalmar_in64", choices=sorted(MODELS), metavar="MODEL",
@@ -333,6 +335,10 @@ def run(args, device):
     if ckpt is not None:
         load_model_state(model, ckpt, path, args)
     model.to(device)
+    if args.compile:
+        # the blocks, not the whole model: the recursion's masks have data-dependent shapes
+        # (and inductor's CPU code generation fails on the whole model in torch 2.14)
+        model.compile_blocks()
     if generating:
         check_generation(args, model)
     loaders = build_loaders(args, dataset_train, dataset_val)
@@ -375,9 +381,9 @@ def train(model, ckpt, path, loader, args, device, log_writer):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_model = torch.compile(model) if args.compile else model
+    train_model = model
     if args.distributed:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stats = {}
     if args.start_epoch >= args.epochs:

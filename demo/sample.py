@@ -27,7 +27,7 @@ from util.checkpoint import load_checkpoint  # noqa: E402
 from util.download import (CHECKPOINT_NAME, PRETRAINED_URLS, DownloadError, checkpoint_path,  # noqa: E402
                            download_pretrained)
 from util.masks import TASKS, make_mask  # noqa: E402
-from util.misc import UserInputError, one_line  # noqa: E402
+from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.visualize import auto_scale, load_image, make_grid, save_gif, save_grid, show_known  # noqa: E402
 
 # 'args' entries of a training checkpoint that shape the architecture (the rest -- dropout,
@@ -110,12 +110,13 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def autocast(device, precision="auto"):
-    """bf16 autocast on CUDA (as in training), plain fp32 on CPU unless asked."""
+def sampling_precision(device, precision="auto"):
+    """--precision: auto is bf16 autocast on CUDA (as in training), fp32 elsewhere."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise SystemExit(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32.")
+    return precision
 
 
 # ---------------------------------------------------------------------- sampling
@@ -171,7 +172,11 @@ def get_args_parser():
     p.add_argument("--filter_threshold", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks: faster MAR sampling after a slow first call; "
+                        "floats differ from eager at rounding level, so seeded images may differ")
     p.add_argument("--output", default="samples.png", help="grid PNG to write")
     p.add_argument("--gif", default=None, help="also write the generation process as an animated GIF")
     p.add_argument("--scale", type=int, default=None, help="enlarge the PNG/GIF this many times (default: auto)")
@@ -183,7 +188,10 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.task != "sample" and args.input is None:
         raise SystemExit(f"--task {args.task} needs --input IMAGE (the picture to complete).")
+    precision = sampling_precision(device, args.precision)
     model, name, _ = load_model(args.ckpt, args.model, device, download=args.download)
+    if args.compile:
+        model.compile_blocks()
     labels = [label for label in parse_ints(args.labels) for _ in range(args.num_per_label)]
     bad = [label for label in labels if not 0 <= label < model.class_num]
     if bad:
@@ -191,7 +199,10 @@ def main(argv=None):
     num_iter = tuple(parse_ints([args.num_iter_list])) if args.num_iter_list else None
     settings = sampling_settings(name, num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                  temperature=args.temperature, filter_threshold=args.filter_threshold)
-    image = load_image(args.input, model.img_size) if args.input else None
+    try:
+        image = load_image(args.input, model.img_size) if args.input else None
+    except UserInputError as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
     scale = args.scale or auto_scale(model.img_size, target=128)
 
     frames = []
@@ -207,7 +218,7 @@ def main(argv=None):
     print(f"{name}: {args.task} for labels {parse_ints(args.labels)} on {device} with {settings}", file=sys.stderr)
     torch.manual_seed(args.seed)
     start = time.time()
-    with autocast(device, args.precision):
+    with autocast(device, precision):
         images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
                                  progress=record, **settings)
     print(f"\ngenerated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)

@@ -111,8 +111,15 @@ def test_sample_cli_errors_are_one_sentence(ckpt, picture, tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(SystemExit, match="broken.pth"):
         sample.main(["--ckpt", str(broken), "--output", out])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit, match="missing.png' does not exist"):
         sample.main(["--ckpt", ckpt, "--task", "edit", "--input", str(tmp_path / "missing.png"), "--output", out])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(SystemExit, match="cannot read input image .*notes.png"):
+        sample.main(["--ckpt", ckpt, "--task", "edit", "--input", str(not_an_image), "--output", out])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
+            sample.main(["--ckpt", ckpt, "--precision", "fp16", "--device", "cpu", "--output", out])
 
 
 def test_sampling_settings_follow_the_official_defaults():

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from models import DEFAULT_SAMPLING, MAR, MODELS, FractalGen, create_model, fixed_masking, from_uint8
+from util.misc import autocast
 
 # Reference configurations of the performance issue: the 64x64 architecture scaled down
 # so that CPU runs take seconds.
@@ -54,7 +55,7 @@ BENCH_SAMPLING = dict(num_iter_list=(16, 4), cfg=2.0, cfg_schedule="linear", tem
 OFFICIAL = ["fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
             "fractalmar_huge_in256"]
 DEFAULT_BATCH = {"cpu": dict(train=8, eval=16, sample=4), "cuda": dict(train=32, eval=64, sample=64)}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # rows of the table (fp16 autocast: CUDA only)
 
 
 # ---------------------------------------------------------------------- model and data
@@ -142,13 +143,6 @@ class PeakMemory:
             except (OSError, StopIteration):
                 self.peak = None
         return False
-
-
-def autocast(device, precision):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def matmul_rate(device, dtype=torch.float32, max_n=2048, reps=5, min_seconds=0.02):
@@ -613,7 +607,7 @@ def main(argv=None):
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f}: other processes share the CPU, "
               f"so these timings will be low and noisy", flush=True)
-    rates = {p: matmul_rate(device, PRECISIONS[p] or torch.float32) for p in args.precision}
+    rates = {p: matmul_rate(device, PRECISIONS[p]) for p in args.precision}
     report = dict(machine=dict(machine_info(device, torch.get_num_threads()), malloc_keep_freed=malloc_tuned),
                   matmul_flop_s=rates, results=[])
     for name in configs:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util.misc import UserInputError
+
 GRID_PAD = 2        # pixels between tiles
 GRID_PAD_VALUE = 255
 HIDDEN_DARK, HIDDEN_LIGHT = 96, 160  # checkerboard shown where a pixel is unknown
@@ -85,8 +87,13 @@ def load_image(path, size):
     """Read an image file -> uint8 (1, 3, size, size): short side resized (bicubic) to
     `size`, then centre-cropped."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"input image {path!r} does not exist; pass an existing image file")
-    with Image.open(path) as img:
+        raise UserInputError(f"input image {path!r} does not exist; pass an existing image file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UserInputError(f"cannot read input image {path!r} ({e}); pass a PNG or JPEG file") from None
+    with img:
         img = img.convert("RGB")
         scale = size / min(img.size)
         if img.size != (size, size):
