@@ -99,6 +99,10 @@ def get_args_parser():
     add("--output_dir", default="./output_dir", help="checkpoints, generated images, log.txt")
     add("--log_dir", default=None, help="TensorBoard folder; default: --output_dir")
     add("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available, else cpu")
+    add("--cpu_malloc", default="keep", choices=("keep", "default"),
+        help="glibc allocator policy on the CPU when run as a script: keep freed memory for reuse instead of "
+             "mapping fresh pages for every large tensor (20-40%% faster CPU training and NLL here), or "
+             "glibc's default")
 
     # distributed (filled in from torchrun / SLURM / OpenMPI environment variables)
     add("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
@@ -412,5 +416,14 @@ def train(model, ckpt, path, loader, args, device, log_writer):
     return stats
 
 
+def script_main(argv=None):
+    """Command-line entry: process-wide settings (the CPU allocator policy), then main."""
+    args = get_args_parser().parse_args(argv)
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if on_cpu and args.cpu_malloc == "keep":
+        misc.keep_freed_memory()
+    return main(args)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    script_main()

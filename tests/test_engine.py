@@ -317,6 +317,21 @@ def test_plain_python_entry_point_exits_non_zero_with_one_line(tmp_path, child_e
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, applied", [(["--device", "cpu"], True),
+                                            (["--device", "cpu", "--cpu_malloc", "default"], False),
+                                            (["--device", "cuda"], False)])
+def test_script_entry_sets_the_cpu_allocator_policy_only_on_cpu(monkeypatch, flags, applied):
+    """The allocator policy is process-wide: the command-line entry sets it (CPU runs only,
+    unless --cpu_malloc default); main() called in-process never does."""
+    import main_fractalgen
+    import util.misc
+    calls = []
+    monkeypatch.setattr(util.misc, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(main_fractalgen, "main", lambda args: args)
+    args = main_fractalgen.script_main(["--model", "fractalar_tiny", *flags])
+    assert bool(calls) == applied and args.model == "fractalar_tiny"
+
+
 @pytest.mark.slow
 def test_compile_flag_trains_and_evaluates_with_compiled_blocks(run_main, tiny_data, tmp_path):
     """--compile compiles every transformer block; training and NLL run through them and

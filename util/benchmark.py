@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from models import DEFAULT_SAMPLING, MAR, MODELS, FractalGen, create_model, fixed_masking, from_uint8
-from util.misc import autocast
+from util.misc import autocast, keep_freed_memory
 
 # Reference configurations of the performance issue: the 64x64 architecture scaled down
 # so that CPU runs take seconds.
@@ -92,22 +92,6 @@ def random_batch(model, batch, device, generator):
 
 
 # ---------------------------------------------------------------------- measurement helpers
-def keep_freed_memory():
-    """Make glibc serve every allocation from its heap and keep freed memory (mallopt
-    M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB) instead of mapping fresh pages for each large
-    tensor and unmapping them on free. On CPU the first touch of a fresh page is a page
-    fault: about 20 ms per 64 MB tensor on the reference machine, and a training step of
-    bench64 allocates dozens of those. Process-wide; returns whether it was applied
-    (False off glibc)."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
