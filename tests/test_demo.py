@@ -152,7 +152,7 @@ def test_quickstart_smoke(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quickstart_default_run_learns_the_classes(tmp_path):
-    """The README's quickstart with its defaults (~3.5 minutes on 2 idle cores): low val
+    """The README's quickstart with its defaults (3.5-5.5 minutes on 2 cores): low val
     bits/dim, and the samples of each row carry their class's colour."""
     out = tmp_path / "qs"
     summary = quickstart.main(["--out", str(out), "--device", "cpu"])
