@@ -129,13 +129,6 @@ class MAR(nn.Module):
         flat = grid.view(B * w * w, D)
         return [flat[centre + offset] for offset in offsets]
 
-    def neighbour_conditions(self, x):
-        """x: (B, L, D) outputs of every patch -> [middle, top, right, bottom, left], each (B, L, D)."""
-        B, L, D = x.shape
-        keep = torch.arange(L, device=x.device).expand(B, L)
-        rows = torch.ones(B, L, dtype=torch.bool, device=x.device)
-        return [c.view(B, L, D) for c in self.next_conditions(x, keep, rows, NUM_NEIGHBOUR_CONDS)]
-
     def forward(self, imgs, cond_list):
         """imgs: (B, 3, H, W); cond_list: conditions (B, C). Returns the masked patches
         (N, 3, p, p) in (sample, position) order, their five conditions (N, D) and the

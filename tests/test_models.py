@@ -207,7 +207,8 @@ def test_mar_masked_patches_are_hidden_and_returned_in_order():
 def test_mar_neighbour_conditions():
     mar = MAR(seq_len=4, patch_size=1, cond_embed_dim=4, embed_dim=4, num_blocks=1, num_heads=1)
     x = torch.arange(1, 5, dtype=torch.float32).view(1, 4, 1)  # 2x2 grid [[1, 2], [3, 4]]
-    middle, top, right, bottom, left = (c.flatten().tolist() for c in mar.neighbour_conditions(x))
+    keep, rows = torch.arange(4).view(1, 4), torch.ones(1, 4, dtype=torch.bool)  # every patch
+    middle, top, right, bottom, left = (c.flatten().tolist() for c in mar.next_conditions(x, keep, rows))
     assert middle == [1, 2, 3, 4]
     assert top == [0, 0, 1, 2]
     assert right == [2, 0, 4, 0]

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from models import DEFAULT_SAMPLING, MAR, MODELS, FractalGen, create_model, fixed_masking, from_uint8
-from util.misc import autocast, keep_freed_memory
+from util.misc import autocast, keep_freed_memory, synchronize
 
 # Reference configurations of the performance issue: the 64x64 architecture scaled down
 # so that CPU runs take seconds.
@@ -92,11 +92,6 @@ def random_batch(model, batch, device, generator):
 
 
 # ---------------------------------------------------------------------- measurement helpers
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PeakMemory:
     """Peak memory of a code region: CUDA max allocated bytes, or on CPU the process's peak
     resident set (VmHWM, reset through /proc/self/clear_refs; None where unsupported)."""
