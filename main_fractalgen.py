@@ -25,6 +25,7 @@ from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid
 from util.misc import UserInputError, print0
+from util.validation import parse_num_iter_list
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -113,18 +114,6 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------------- checks and set-up
-def parse_num_iter_list(text):
-    if text is None or isinstance(text, (tuple, list)):
-        return tuple(text) if text else None
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserInputError(f"--num_iter_list {text!r} must be comma-separated integers, e.g. 64,16") from None
-    if any(v < 1 for v in values):
-        raise UserInputError(f"--num_iter_list {text!r} must hold positive integers")
-    return values
-
-
 def check_args(args):
     """Cheap checks of the flags alone, before anything is read or written."""
     positive = dict(batch_size=args.batch_size, epochs=args.epochs, gen_bsz=args.gen_bsz,
