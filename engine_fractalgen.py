@@ -87,9 +87,9 @@ def evaluate_nll(model, data_loader, args, epoch=0, log_writer=None):
     model = unwrap(model)
     model.eval()
     misc.seed_everything(args.seed, misc.get_rank(), epoch, 2)  # MAR mask counts: reproducible per rank
-    logger = misc.MetricLogger()
     loss_sum, count = 0.0, 0
-    for imgs, labels in logger.log_every(data_loader, PRINT_FREQ, "NLL:"):
+    bar = misc.progress(data_loader, "NLL", unit="batch")
+    for imgs, labels in bar:
         imgs = imgs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with misc.autocast(device, args.precision):
@@ -97,7 +97,7 @@ def evaluate_nll(model, data_loader, args, epoch=0, log_writer=None):
         loss = loss.item() / args.nll_forward_number
         loss_sum += loss * imgs.shape[0]
         count += imgs.shape[0]
-        logger.update(bpd=loss / math.log(2))
+        bar.set_postfix_str(f"{loss_sum / count / math.log(2):.4f} bits/dim (this rank)", refresh=False)
     loss_sum, count = misc.all_reduce_sum([loss_sum, count], device)
     nll = loss_sum / max(count, 1)
     result = {"nll": nll, "bpd": nll / math.log(2), "images": int(count)}
@@ -137,34 +137,73 @@ def save_png(image, path):
     Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
 
 
+def prepare_folder(folder):
+    """Create `folder` (rank 0) and empty it of PNGs: leftovers of an earlier run would
+    count in a later FID of the folder."""
+    if misc.is_main_process():
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".png"):
+                os.remove(os.path.join(folder, name))
+    misc.barrier()
+
+
 @torch.no_grad()
 def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
     """Generate args.num_images class-balanced images across all ranks, write them as
-    PNGs and score them (rank 0) with FID and Inception Score against args.fid_stats_path
-    (plus precision/recall with args.prc_ref_dir).
+    PNGs and score them with FID and Inception Score against args.fid_stats_path (plus
+    precision/recall with args.prc_ref_dir).
 
+    Every rank runs the Inception network on the images it generated, as it generates
+    them; the features are gathered in image-id order and scored once, on rank 0: the
+    numbers are those of the PNG folder scored by one process (util.fid.evaluate_folder).
     online=True (during training) writes into a temporary folder that is deleted afterwards.
     Returns {'fid', 'inception_score', ..., 'sec_per_image', 'folder'} on rank 0 and
     {'sec_per_image', 'folder'} elsewhere."""
     device = torch.device(args.device)
     model = unwrap(model)
     model.eval()
-    rank, world_size = misc.get_rank(), misc.get_world_size()
     folder = generation_folder(args, online)
-    if misc.is_main_process():
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):  # leftovers of an earlier run would count in FID
-            if name.endswith(".png"):
-                os.remove(os.path.join(folder, name))
-    misc.barrier()
+    prepare_folder(folder)
+    features = fid.FeatureBank(fid.build_inception(device, args.inception_weights))
+    sec_per_image = generate_images(model, args, epoch, folder, features)
+    result = {"sec_per_image": sec_per_image, "folder": folder}
 
+    gathered = features.gather(device)
+    real = None
+    if args.prc_ref_dir:
+        real = fid.extract_features(fid.list_images(args.prc_ref_dir), features.inception, device,
+                                    img_size=args.img_size, num_workers=min(args.num_workers, 8))
+    if misc.is_main_process():
+        result.update(fid.compute_metrics(gathered, fid.load_stats(args.fid_stats_path), real))
+        report = ", ".join(f"{k}: {v:.4f}" for k, v in result.items() if k != "folder")
+        misc.print0(f"epoch {epoch}: {report}")
+        if log_writer is not None:
+            suffix = f"_cfg{args.cfg}"
+            log_writer.add_scalar(f"fid{suffix}", result["fid"], epoch)
+            log_writer.add_scalar(f"is{suffix}", result["inception_score"], epoch)
+            for key in ("precision", "recall"):
+                if key in result:
+                    log_writer.add_scalar(f"{key}{suffix}", result[key], epoch)
+    misc.barrier()  # every rank has written its PNGs before rank 0 deletes a temporary folder
+    if online and misc.is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def generate_images(model, args, epoch, folder, features):
+    """This rank's share of the images: generated, written to `folder` as PNGs and added
+    to `features` (a FeatureBank). Returns the seconds per image per process, all ranks
+    averaged (the first batch, which pays for warm-up, is timed apart)."""
+    device = torch.device(args.device)
+    rank, world_size = misc.get_rank(), misc.get_world_size()
     misc.seed_everything(args.seed, rank, epoch, 1)  # sampling stream per rank, independent of training's
     labels = generation_labels(args.num_images, args.class_num)
     digits = max(5, len(str(args.num_images - 1)))
     batches = list(rank_batches(args.num_images, args.gen_bsz, rank, world_size))
     timed_seconds = timed_images = 0.0
     first_seconds = first_images = 0.0
-    for step, ids in enumerate(misc.MetricLogger().log_every(batches, 1, "Generation:")):
+    for step, ids in enumerate(misc.progress(batches, "Generation", unit="batch")):
         if len(ids) == 0:
             continue
         misc.synchronize(device)
@@ -175,10 +214,11 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
                                     filter_threshold=args.filter_threshold)
         misc.synchronize(device)
         seconds = time.perf_counter() - start
-        if step == 0:  # the first batch pays for warm-up (allocator, kernels): timed apart
+        if step == 0:
             first_seconds, first_images = seconds, len(ids)
         else:
             timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(ids)
+        features.add(images, ids)  # (B, 3, H, W) uint8, the very pixels the PNGs hold
         for image, image_id in zip(images.cpu(), ids):
             save_png(image, os.path.join(folder, f"{image_id:0{digits}d}.png"))
 
@@ -192,24 +232,4 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
         note = "single batch, includes warm-up"
     misc.print0(f"generated {args.num_images} images into {folder}: {sec_per_image:.4f} s per image per "
                 f"process ({note}; {world_size} process(es))")
-    misc.barrier()  # every PNG is on disk before rank 0 reads the folder
-
-    result = {"sec_per_image": sec_per_image, "folder": folder}
-    if misc.is_main_process():
-        result.update(fid.evaluate_folder(folder, args.fid_stats_path, device, args.inception_weights,
-                                          args.prc_ref_dir, img_size=args.img_size,
-                                          num_workers=min(args.num_workers, 8)))
-        report = ", ".join(f"{k}: {v:.4f}" for k, v in result.items() if k != "folder")
-        misc.print0(f"epoch {epoch}: {report}")
-        if log_writer is not None:
-            suffix = f"_cfg{args.cfg}"
-            log_writer.add_scalar(f"fid{suffix}", result["fid"], epoch)
-            log_writer.add_scalar(f"is{suffix}", result["inception_score"], epoch)
-            for key in ("precision", "recall"):
-                if key in result:
-                    log_writer.add_scalar(f"{key}{suffix}", result[key], epoch)
-        if online:
-            shutil.rmtree(folder, ignore_errors=True)
-    misc.barrier()
-    return result
-
+    return sec_per_image

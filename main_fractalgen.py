@@ -25,7 +25,7 @@ from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid
 from util.misc import UserInputError, print0
-from util.validation import parse_num_iter_list
+from util import validation
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -121,13 +121,17 @@ def check_args(args):
                     nll_forward_number=args.nll_forward_number, eval_freq=args.eval_freq,
                     save_last_freq=args.save_last_freq)
     for name, value in positive.items():
-        if value < 1:
-            raise UserInputError(f"--{name} must be at least 1, got {value}")
-    if args.class_num is not None and args.class_num < 1:
-        raise UserInputError(f"--class_num must be at least 1, got {args.class_num}")
-    if args.num_workers < 0:
-        raise UserInputError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    args.num_iter_list = parse_num_iter_list(args.num_iter_list)
+        validation.positive_int(f"--{name}", value)
+    if args.class_num is not None:
+        validation.positive_int("--class_num", args.class_num)
+    validation.positive_int("--num_workers", args.num_workers, minimum=0)
+    args.num_iter_list = validation.parse_num_iter_list(args.num_iter_list)
+    validation.check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
+    validation.finite_positive("--blr", args.blr)
+    if args.lr is not None:
+        validation.finite_positive("--lr", args.lr)
+    for name in ("min_lr", "weight_decay", "grad_clip"):
+        validation.finite_nonnegative(f"--{name}", getattr(args, name))
 
 
 def model_kwargs(args):
@@ -204,7 +208,9 @@ def resolve_class_num(args, dataset, ckpt, training):
 
 
 def check_generation(args, model):
-    """Generation settings, validated before any image or checkpoint is written."""
+    """Generation and FID settings, validated before the model is built, any image is
+    generated or anything is written. `model` may live on the meta device. The FID inputs
+    are loaded, not just looked for: a bad file must not surface after 50k images."""
     if args.num_images % args.class_num:
         raise UserInputError(f"--num_images {args.num_images} is not divisible by class_num {args.class_num}; "
                              f"class-balanced generation needs a multiple, e.g. "
@@ -217,11 +223,30 @@ def check_generation(args, model):
                              f"{len(args.num_iter_list)} entries but --model {args.model} has {levels} "
                              f"generator levels; give one per level")
     args.fid_stats_path = args.fid_stats_path or fid.default_stats_path(args.img_size)
-    fid.check_stats_file(args.fid_stats_path)
-    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
-        raise UserInputError(f"--inception_weights {args.inception_weights} does not exist")
+    validation.check_fid_stats(args.fid_stats_path)
+    if args.inception_weights is None:  # a download into the cache: once, by rank 0
+        rank0_first(fid.inception_weights_file, "download the Inception weights", torch.device(args.device))
+    validation.check_inception_weights(args.inception_weights)
     if args.prc_ref_dir is not None:
         fid.list_images(args.prc_ref_dir)
+
+
+def rank0_first(fn, what, device):
+    """Run fn on rank 0, then on the other ranks, for work that fills a cache the others
+    then find (a download). A failure on rank 0 stops every rank, none is left waiting."""
+    error = None
+    if misc.is_main_process():
+        try:
+            fn()
+        except UserInputError as e:
+            error = e
+    failed = misc.all_reduce_sum([float(error is not None)], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise UserInputError(f"rank 0 could not {what}; its error message says why")
+    if not misc.is_main_process():
+        fn()
 
 
 def load_model_state(model, ckpt, path, args):
@@ -323,6 +348,9 @@ def run(args, device):
     dataset_train = data_util.build_dataset(args.data_path, "train", args.img_size, True) if training else None
     dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
     resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
+    if generating:
+        with torch.device("meta"):  # the architecture only: no memory, no time
+            check_generation(args, build_model(args))
     misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args)
     if ckpt is not None:
@@ -332,8 +360,6 @@ def run(args, device):
         # the blocks, not the whole model: the recursion's masks have data-dependent shapes
         # (and inductor's CPU code generation fails on the whole model in torch 2.14)
         model.compile_blocks()
-    if generating:
-        check_generation(args, model)
     loaders = build_loaders(args, dataset_train, dataset_val)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -141,7 +141,7 @@ def test_train_with_online_eval_then_nll_and_generation(run_main, tiny_data, fid
     result = run_main(*tiny_args(tiny_data, out, "--online_eval", "--num_images", 4, "--gen_bsz", 2,
                                  "--grad_checkpointing", *fid_flags))
     stats = result["train"]
-    assert math.isfinite(stats["loss"]) and math.isfinite(stats["fid"]) and stats["inception_score"] >= 1
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["fid"]) and stats["inception_score"] > 1 - 1e-9
     assert not [d for d in os.listdir(out) if d.startswith("tmp-")], "online eval must delete its images"
     ckpt = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args"}

@@ -10,6 +10,7 @@ the only class allowed besides tensors and plain containers.
 import argparse
 import os
 import pickle
+import re
 
 import torch
 
@@ -56,23 +57,35 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
+def safe_load(path, what, allowed=()):
+    """torch.load(path, weights_only=True) on the CPU, allowing only tensors, plain
+    containers and the classes in `allowed`. A missing, corrupt or unsafe file raises
+    UserInputError with one sentence; `what` names the file in it (e.g. "checkpoint")."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{what} {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest weights_only=False: never pass that advice on
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        culprit = f" (it references {found.group(1)})" if found else ""
+        kinds = ", ".join(["tensors", "plain containers", *(f"{c.__module__}.{c.__qualname__}" for c in allowed)])
+        raise UserInputError(f"refusing to load {what} {path}: it holds objects other than {kinds}{culprit}, "
+                             f"which could run code when unpickled; use a file that holds only those") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        text = str(e).strip()
+        raise UserInputError(f"cannot read {what} {path} (truncated or not a PyTorch file?): "
+                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+
+
 def load_checkpoint(path):
-    """Load a checkpoint dict on the CPU with weights_only=True. Raises UserInputError
-    with one sentence for a missing, corrupt or unsafe file."""
+    """Load a checkpoint dict on the CPU with weights_only=True (argparse.Namespace
+    allowed). Raises UserInputError with one sentence for a missing, corrupt or unsafe file."""
     if not os.path.isfile(path):
         raise UserInputError(f"no checkpoint at {path}; pass --resume with the folder that holds "
                              f"{CHECKPOINT_NAME} (or the file itself)")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        raise UserInputError(f"refusing to load {path}: it holds objects other than tensors, plain "
-                             f"containers and argparse.Namespace ({first}); re-save it with only "
-                             f"those") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserInputError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "
                              f"entry holding the state_dict")

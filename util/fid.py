@@ -7,27 +7,38 @@ feature extractor ("inception-v3-compat", bit-compatible with the TF-Inception u
 ADM) ourselves and feed its metric functions:
 
 - FID: pool features "2048" -> (mu, sigma) -> Frechet distance to the reference file.
-- IS: "logits_unbiased" -> Inception Score (10 splits).
+- IS: "logits_unbiased" -> Inception Score (10 splits of the images in id order, shuffled
+  with torch-fidelity's fixed seed, exactly as its `calculate_metrics` does on a folder).
 - precision/recall (optional): k-NN manifolds (k=3) of generated vs real pool features;
   the real images come from a folder. Like ADM's evaluator we use the Inception pool
   features, not torch-fidelity's default VGG-16, so one network serves every metric.
 
+With several processes every rank extracts the features of its own images and the
+features are gathered (`FeatureBank`), so no rank waits while another scores them all.
+The Inception weights are loaded with `weights_only=True` by us, never by torch-fidelity.
+
 Reference statistics for your own data: `python -m util.fid_stats --images DIR --out FILE.npz`.
 """
+import io
 import os
 
 import numpy as np
 import torch
 
+import util.misc as misc
+from util.checkpoint import safe_load
 from util.crop import center_crop_arr
 from util.data import load_rgb  # names the file when an image cannot be decoded
 from util.misc import UserInputError
 
 FID_FEATURE = "2048"             # Inception pool3 features
 IS_FEATURE = "logits_unbiased"   # Inception logits (1008 classes, no bias) for IS
+FEATURE_DIMS = {FID_FEATURE: 2048, IS_FEATURE: 1008}
+FEATURE_BATCH = 64               # images per Inception forward (torch-fidelity's default)
 PRC_NEIGHBOURS = 3
 IS_SPLITS = 10
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file
 
 
 def default_stats_path(img_size):
@@ -44,19 +55,26 @@ def check_stats_file(path):
 
 
 def load_stats(path):
-    """(mu (D,), sigma (D, D)) float64 from an npz with `mu` and `sigma`."""
+    """(mu (2048,), sigma (2048, 2048)) float64 from an npz with finite `mu` and `sigma`."""
     check_stats_file(path)
+    fix = "write it again with `python -m util.fid_stats`"
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             mu, sigma = f["mu"], f["sigma"]
     except KeyError:
-        raise UserInputError(f"{path} lacks the arrays 'mu' and 'sigma'; write it with "
-                             f"`python -m util.fid_stats`") from None
-    except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot read FID statistics {path}: {e}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise UserInputError(f"{path}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    return mu.astype(np.float64), sigma.astype(np.float64)
+        raise UserInputError(f"{path} lacks the arrays 'mu' and 'sigma'; {fix}") from None
+    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, or pickled objects inside
+        raise UserInputError(f"cannot read FID statistics {path} ({e}); {fix}") from None
+    dims = FEATURE_DIMS[FID_FEATURE]
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        raise UserInputError(f"{path}: expected Inception statistics mu ({dims},) and sigma ({dims}, {dims}), "
+                             f"got {mu.shape} and {sigma.shape}; {fix}")
+    if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+        raise UserInputError(f"{path}: mu and sigma must be numeric arrays, got {mu.dtype} and {sigma.dtype}; {fix}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserInputError(f"{path}: mu or sigma holds NaN or infinite values; {fix}")
+    return mu, sigma
 
 
 def save_stats(path, mu, sigma):
@@ -72,25 +90,61 @@ def save_stats(path, mu, sigma):
             os.remove(tmp)
 
 
-# ---------------------------------------------------------------------- features
+# ---------------------------------------------------------------------- Inception
+def inception_weights_file():
+    """torch-fidelity's Inception weights in the torch hub cache (where torch-fidelity
+    itself keeps them), downloaded on first use."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:  # writes a temporary file and renames it: a broken download leaves nothing behind
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=misc.is_main_process())
+        except OSError as e:  # no network: urllib's URLError is an OSError
+            raise UserInputError(f"cannot download the Inception weights ({e}); download {URL_INCEPTION_V3} "
+                                 f"elsewhere and pass --inception_weights PATH") from None
+    return path
+
+
+def load_inception_state(weights_path=None):
+    """The Inception state dict, loaded with weights_only=True from `weights_path`, or
+    (None) from torch-fidelity's release file, downloaded once into the torch hub cache."""
+    path = inception_weights_file() if weights_path is None else weights_path
+    if not os.path.isfile(path):
+        raise UserInputError(f"--inception_weights {path} does not exist; give the path to torch-fidelity's "
+                             f"{INCEPTION_FILE}")
+    state = safe_load(path, "Inception weights")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserInputError(f"{path} is not an Inception state_dict (a dict of tensors); give the path to "
+                             f"torch-fidelity's {INCEPTION_FILE}")
+    return state
+
+
 def build_inception(device, weights_path=None):
     """torch-fidelity's Inception-v3 on `device`, producing pool features and logits.
-
     weights_path: a local copy of the weights (offline machines, tests); None downloads
-    torch-fidelity's release file once into the torch hub cache."""
+    torch-fidelity's file once. Wrong keys or shapes raise UserInputError.
+
+    torch-fidelity's constructor unpickles its weights file with weights_only=False. It
+    never sees the user's file: it gets bytes we serialised from the tensors loaded safely
+    above, so nothing but tensors reaches its unpickler."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    if weights_path is not None and not os.path.isfile(weights_path):
-        raise UserInputError(f"--inception_weights {weights_path} does not exist; give the path to "
-                             f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    state = load_inception_state(weights_path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", [FID_FEATURE, IS_FEATURE],
-                                            feature_extractor_weights_path=weights_path, verbose=False)
-    except OSError as e:  # no network: urllib's URLError is an OSError
-        raise UserInputError(f"cannot download the Inception weights ({e}); download them elsewhere and "
-                             f"pass --inception_weights PATH") from None
-    return model.to(device).eval()
+        with torch.device(device):  # parameters are created where they will live
+            model = FeatureExtractorInceptionV3("inception-v3-compat", [FID_FEATURE, IS_FEATURE],
+                                                feature_extractor_weights_path=buffer, verbose=False)
+    except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+        detail = str(e).strip().splitlines()[-1].strip()[:200]
+        raise UserInputError(f"{weights_path or INCEPTION_FILE} does not fit torch-fidelity's Inception-v3 "
+                             f"({detail}); give the path to {INCEPTION_FILE}") from None
+    return model.eval()
 
 
+# ---------------------------------------------------------------------- features
 def list_images(folder):
     """Every image file under `folder` (recursively), sorted."""
     if not os.path.isdir(folder):
@@ -118,18 +172,60 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
-@torch.no_grad()
-def extract_features(files, inception, device, batch_size=64, img_size=None, num_workers=0):
+class FeatureBank:
+    """Inception features of images as they come (generated batches, batches of files),
+    each row tagged with its image id, so that the features of all ranks can be put
+    together in id order: the order in which torch-fidelity reads a folder of files
+    named by id, which the Inception Score's splits depend on."""
+
+    def __init__(self, inception, batch_size=FEATURE_BATCH):
+        self.inception, self.batch_size = inception, batch_size
+        self.device = next(inception.parameters()).device
+        self.ids, self.rows = [], {name: [] for name in FEATURE_DIMS}
+
+    @torch.no_grad()
+    def add(self, images, ids):
+        """images: uint8 (B, 3, H, W) on any device; ids: B image ids."""
+        self.ids.append(torch.as_tensor(list(ids), dtype=torch.int64))
+        for chunk in images.split(self.batch_size):
+            features = self.inception(chunk.to(self.device))  # one tensor per name, (b, D)
+            for name, value in zip((FID_FEATURE, IS_FEATURE), features):
+                self.rows[name].append(value.float().cpu())
+
+    def local(self):
+        """This rank's (ids (n,), {name: (n, D)}) in the order added."""
+        ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.int64)
+        rows = {name: torch.cat(values) if values else torch.zeros(0, FEATURE_DIMS[name])
+                for name, values in self.rows.items()}
+        return ids, rows
+
+    def gather(self, device):
+        """Every rank's features, {name: (N, D)} float32 on the CPU in image-id order, on
+        every rank (`device`: where the collective runs). The ids must be 0..N-1, each once."""
+        ids, rows = self.local()
+        ids = misc.all_gather_rows(ids, device)
+        order = ids.argsort()
+        if not torch.equal(ids[order], torch.arange(len(ids))):
+            raise RuntimeError(f"image ids gathered from {misc.get_world_size()} rank(s) are not 0..{len(ids) - 1} "
+                               f"each once")
+        return {name: misc.all_gather_rows(value, device)[order] for name, value in rows.items()}
+
+
+def extract_features(files, inception, device, batch_size=FEATURE_BATCH, img_size=None, num_workers=0):
     """Inception features of image files -> {"2048": (N, 2048), "logits_unbiased": (N, 1008)}
-    float32 on the CPU. Images of a batch must share one size (pass img_size to crop)."""
-    loader = torch.utils.data.DataLoader(ImageFiles(files, img_size), batch_size=batch_size,
+    float32 on the CPU, in file order. Images of a batch must share one size (pass img_size
+    to crop). With several processes every rank reads every world_size-th file and all ranks
+    get all the features."""
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+    mine = list(range(rank, len(files), world_size))
+    loader = torch.utils.data.DataLoader(ImageFiles([files[i] for i in mine], img_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_stack_same_size)
-    out = {FID_FEATURE: [], IS_FEATURE: []}
-    for batch in loader:
-        features = inception(batch.to(device))
-        for name, value in zip((FID_FEATURE, IS_FEATURE), features):
-            out[name].append(value.float().cpu())
-    return {name: torch.cat(values) for name, values in out.items()}
+    bank = FeatureBank(inception, batch_size)
+    start = 0
+    for batch in misc.progress(loader, "Inception features", unit="batch"):
+        bank.add(batch, mine[start:start + len(batch)])
+        start += len(batch)
+    return bank.gather(device)
 
 
 def _stack_same_size(images):
@@ -178,18 +274,28 @@ def precision_recall(generated, real, neighbours=PRC_NEIGHBOURS):
     return metric[KEY_METRIC_PRECISION], metric[KEY_METRIC_RECALL]
 
 
-def evaluate_folder(folder, stats_path, device, weights_path=None, prc_ref_dir=None, batch_size=64,
-                    img_size=None, num_workers=0):
-    """FID (vs `stats_path`) and Inception Score of the images in `folder`; precision and
-    recall too when `prc_ref_dir` (a folder of real images, centre-cropped to img_size)
-    is given. Returns a dict of floats."""
-    reference = load_stats(stats_path)
-    inception = build_inception(device, weights_path)
-    features = extract_features(list_images(folder), inception, device, batch_size, num_workers=num_workers)
+def compute_metrics(features, reference, real_features=None):
+    """FID of `features` (gathered, in id order) against `reference` (mu, sigma) and
+    Inception Score; precision and recall too when the real images' features are given.
+    Returns a dict of floats."""
     fid = frechet_distance(mean_and_cov(features[FID_FEATURE]), reference)
     is_mean, is_std = inception_score(features[IS_FEATURE])
     metrics = {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std}
+    if real_features is not None:
+        metrics["precision"], metrics["recall"] = precision_recall(features[FID_FEATURE], real_features[FID_FEATURE])
+    return metrics
+
+
+def evaluate_folder(folder, stats_path, device, weights_path=None, prc_ref_dir=None, batch_size=FEATURE_BATCH,
+                    img_size=None, num_workers=0):
+    """FID (vs `stats_path`) and Inception Score of the images in `folder`; precision and
+    recall too when `prc_ref_dir` (a folder of real images, centre-cropped to img_size)
+    is given. Returns a dict of floats (on rank 0; {} on the others when run by several
+    processes, which share the feature extraction)."""
+    reference = load_stats(stats_path)
+    inception = build_inception(device, weights_path)
+    features = extract_features(list_images(folder), inception, device, batch_size, num_workers=num_workers)
+    real = None
     if prc_ref_dir:
         real = extract_features(list_images(prc_ref_dir), inception, device, batch_size, img_size, num_workers)
-        metrics["precision"], metrics["recall"] = precision_recall(features[FID_FEATURE], real[FID_FEATURE])
-    return metrics
+    return compute_metrics(features, reference, real) if misc.is_main_process() else {}

@@ -10,9 +10,7 @@ Then train or evaluate with `--fid_stats_path fid_stats/mydata_in64_stats.npz`.
 import argparse
 import sys
 
-import torch
-
-from util import fid
+from util import fid, validation
 from util.misc import UserInputError, one_line
 
 
@@ -24,7 +22,7 @@ def get_args_parser():
                         help="ADM centre-crop every image to this size first (use your training --img_size)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
     parser.add_argument("--inception_weights", default=None,
                         help="local Inception weights file (default: torch-fidelity downloads them)")
     return parser
@@ -32,16 +30,24 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        # every flag and the Inception weights are checked before any image is read
+        device = validation.check_device(args.device)
+        validation.positive_int("--batch_size", args.batch_size)
+        validation.positive_int("--num_workers", args.num_workers, minimum=0)
+        if args.img_size is not None:
+            validation.positive_int("--img_size", args.img_size)
+        inception = fid.build_inception(device, args.inception_weights)
         files = fid.list_images(args.images)
         print(f"computing Inception statistics of {len(files)} images in {args.images} on {device}", flush=True)
-        inception = fid.build_inception(device, args.inception_weights)
         features = fid.extract_features(files, inception, device, args.batch_size, args.img_size, args.num_workers)
         mu, sigma = fid.mean_and_cov(features[fid.FID_FEATURE])
+        try:
+            fid.save_stats(args.out, mu, sigma)
+        except OSError as e:
+            raise UserInputError(f"cannot write {args.out} ({e.strerror or e}); pick a writable --out") from None
     except UserInputError as e:
         sys.exit(f"error: {one_line(e)}")
-    fid.save_stats(args.out, mu, sigma)
     print(f"wrote {args.out} (mu {mu.shape}, sigma {sigma.shape}, {len(files)} images)")
     return args.out
 

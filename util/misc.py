@@ -10,6 +10,7 @@ import datetime
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -95,11 +96,9 @@ def _launch_env(args):
 def resolve_device(requested, local_rank):
     """--device (None: CUDA when present, else CPU) -> torch.device; every process of a
     multi-GPU launch takes the GPU of its local rank."""
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    from util.validation import check_device  # util.validation imports this module
+    device = check_device(requested)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserInputError(f"--device {name} was requested but CUDA is not available; pass --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -145,6 +144,24 @@ def all_reduce_sum(values, device):
 
 def all_reduce_mean(value, device):
     return all_reduce_sum([value], device)[0] / get_world_size()
+
+
+def all_gather_rows(rows, device):
+    """Every rank's `rows` (n_r, ...) concatenated in rank order, on the CPU. The counts
+    n_r may differ between ranks (even be 0): each rank pads to the largest before the
+    all_gather and the padding is cut off after it. `device` is where the collective runs
+    (the process group's: CUDA for NCCL, CPU for gloo)."""
+    if not is_dist():
+        return rows.cpu()
+    counts = torch.zeros(get_world_size(), dtype=torch.int64, device=device)
+    counts[get_rank()] = rows.shape[0]
+    dist.all_reduce(counts)  # (world_size,): every rank's row count
+    counts = counts.tolist()
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]), device=device)
+    padded[:rows.shape[0]] = rows.to(device)
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:n].cpu() for piece, n in zip(pieces, counts)])
 
 
 # ---------------------------------------------------------------------- seeding / precision
@@ -271,6 +288,16 @@ class MetricLogger:
         if total:
             took = time.time() - start
             print0(f"{header} total time: {format_seconds(took)} ({took / total:.4f} s / it)")
+
+
+def progress(iterable, desc, total=None, unit="it"):
+    """A tqdm progress bar over `iterable` on rank 0, silent on the other ranks. It goes to
+    stderr, so stdout logs stay clean; when stderr is not a terminal (a log file) it
+    refreshes at most once a minute, so the file stays short."""
+    from tqdm import tqdm
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=not is_main_process(),
+                mininterval=0.5 if interactive else 60, dynamic_ncols=interactive, ncols=None if interactive else 100)
 
 
 def format_seconds(seconds):

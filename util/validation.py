@@ -1,6 +1,7 @@
 """Checks of user-given values shared by every entry point (main_fractalgen.py,
 demo/sample.py, util.fid_stats, the notebook), so a bad flag gets the same one-sentence
-error everywhere, before any heavy work starts.
+error everywhere, before any heavy work starts. Files are checked by loading them
+(safely: weights_only=True), not just by looking for them.
 
 Each check raises `UserInputError` (a ValueError) whose message names the flag, the bad
 value and what to give instead; `flag` is how the value is called where it came from
@@ -97,3 +98,18 @@ def check_device(name, flag="--device"):
     elif device.type not in ("cpu", "mps"):
         raise UserInputError(f"{flag} {name}: only cpu and cuda devices are supported")
     return device
+
+
+def check_fid_stats(path):
+    """Load FID reference statistics (.npz) and check them: mu (2048,) and sigma
+    (2048, 2048), all finite. Returns (mu, sigma) float64."""
+    from util import fid
+    return fid.load_stats(path)
+
+
+def check_inception_weights(path=None):
+    """Load the Inception weights (`path`, or None: torch-fidelity's file, downloaded once
+    into the torch hub cache) with weights_only=True and check every key and shape against
+    torch-fidelity's Inception-v3 (built on the CPU and dropped again, about a second)."""
+    from util import fid
+    fid.build_inception(torch.device("cpu"), path)
