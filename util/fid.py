@@ -21,6 +21,7 @@ Reference statistics for your own data: `python -m util.fid_stats --images DIR -
 """
 import io
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def load_stats(path):
             mu, sigma = f["mu"], f["sigma"]
     except KeyError:
         raise UserInputError(f"{path} lacks the arrays 'mu' and 'sigma'; {fix}") from None
-    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, or pickled objects inside
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not an npz, cut, or pickled objects
         raise UserInputError(f"cannot read FID statistics {path} ({e}); {fix}") from None
     dims = FEATURE_DIMS[FID_FEATURE]
     if mu.shape != (dims,) or sigma.shape != (dims, dims):

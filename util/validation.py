@@ -37,7 +37,10 @@ def finite_nonnegative(flag, value):
 
 
 def positive_int(flag, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A whole number >= minimum (an int, or a float or string holding one; not a bool)."""
+    if isinstance(value, bool):
+        raise UserInputError(f"{flag} must be a whole number, got {value!r}")
+    if not isinstance(value, int):
         try:
             if float(value) != int(value):
                 raise ValueError
