@@ -23,9 +23,8 @@ from engine_fractalgen import NonFiniteLossError, evaluate_gen, evaluate_nll, tr
 from models import MODELS, CheckpointMismatchError, create_model
 from util import checkpoint as ckpt_util
 from util import data as data_util
-from util import fid
+from util import fid, validation
 from util.misc import UserInputError, print0
-from util import validation
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -227,8 +226,13 @@ def check_generation(args, model):
     if args.inception_weights is None:  # a download into the cache: once, by rank 0
         rank0_first(fid.inception_weights_file, "download the Inception weights", torch.device(args.device))
     validation.check_inception_weights(args.inception_weights)
+    if args.num_images < 2:
+        raise UserInputError(f"--num_images {args.num_images}: FID needs at least 2 images")
     if args.prc_ref_dir is not None:
-        fid.list_images(args.prc_ref_dir)
+        real = len(fid.list_images(args.prc_ref_dir))
+        if min(real, args.num_images) <= fid.PRC_NEIGHBOURS:
+            raise UserInputError(f"precision/recall need more than {fid.PRC_NEIGHBOURS} generated and real images "
+                                 f"(--num_images {args.num_images}, {real} in --prc_ref_dir {args.prc_ref_dir})")
 
 
 def rank0_first(fn, what, device):
@@ -350,7 +354,8 @@ def run(args, device):
     resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
     if generating:
         with torch.device("meta"):  # the architecture only: no memory, no time
-            check_generation(args, build_model(args))
+            architecture = build_model(args)
+        check_generation(args, architecture)
     misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args)
     if ckpt is not None:
