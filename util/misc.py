@@ -116,7 +116,9 @@ def init_distributed_mode(args):
     device = resolve_device(args.device, local_rank)
     args.rank, args.world_size, args.gpu = rank, world_size, local_rank
     args.device = str(device)
-    args.distributed = launch is not None and world_size > 1
+    # a launcher's processes always join a group, even a single one (as the official code
+    # does): `torchrun --nproc_per_node=1` then runs NCCL and DDP on one GPU
+    args.distributed = launch is not None
     if not args.distributed:
         return device
     backend = "nccl" if device.type == "cuda" else "gloo"
