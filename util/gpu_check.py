@@ -470,15 +470,15 @@ def official_context(device):
             torch.Tensor.cuda = original
 
 
-def official_pair(name, official_dir, device, **kwargs):
+def official_pair(name, official_dir, device, training=False):
     """(ours, official): the same configuration with the same random weights (ours'
-    state_dict loaded strictly into the official model)."""
-    ours = build_ours(name, device, **kwargs)
+    state_dict loaded strictly into the official model), both in train or eval mode."""
+    ours = build_ours(name, device)
     module = load_official(official_dir)
     with official_context(device), torch.device(device):
-        official = module.FractalGen(**model_config(name, **kwargs))
+        official = module.FractalGen(**model_config(name))
     official.load_state_dict(ours.state_dict(), strict=True)
-    return ours, official
+    return ours.train(training), official.train(training)
 
 
 def official_levels(model):
@@ -530,11 +530,13 @@ def sampler(model, side, labels, settings, device, precision, sample_kwargs):
     return run
 
 
-def require_official(args):
+def require_official(args, section):
+    """The timing section `section`, or its 'skipped' record when the official code is absent."""
     if not os.path.isdir(os.path.join(args.official_dir, "models")):
-        return dict(status="skipped", reason=f"official code not found at {args.official_dir}: clone it there with "
-                                             f"`git clone {OFFICIAL_URL} {args.official_dir}` to time against it")
-    return None
+        return lambda: dict(status="skipped", reason=f"official code not found at {args.official_dir}: clone it "
+                                                     f"there with `git clone {OFFICIAL_URL} {args.official_dir}` "
+                                                     f"to time against it")
+    return section
 
 
 # ---------------------------------------------------------------------- section: timing (a) sampling
@@ -569,14 +571,9 @@ def extrapolate(split, used_iters, paper_iters):
 
 
 def section_timing_sample(args, device, plan):
-    skip = require_official(args)
-    if skip:
-        return skip
     spec = plan["huge"]
     num_iter = args.huge_num_iter or spec["num_iter_list"]
     ours, official = official_pair(spec["config"], args.official_dir, device)
-    ours.eval()
-    official.eval()
     # the settings of the paper's FractalMAR-H run (also for the tiny stand-in), fewer iterations
     settings = dict(DEFAULT_SAMPLING[PAPER_SAMPLING["config"]], num_iter_list=tuple(num_iter))
     paper_iters = DEFAULT_SAMPLING[PAPER_SAMPLING["config"]]["num_iter_list"]
@@ -642,31 +639,24 @@ def timed_pairs_with_oom_retry(runs, batch, pairs, device, smallest):
 
 # ---------------------------------------------------------------------- section: timing (b) training
 def section_timing_train(args, device, plan):
-    skip = require_official(args)
-    if skip:
-        return skip
     spec = plan["train64"]
-    ours, official = official_pair(spec["config"], args.official_dir, device)
-    ours.train()
-    official.train()
+    ours, official = official_pair(spec["config"], args.official_dir, device, training=True)
     imgs, labels = random_batch(ours, spec["batch"], device, torch.Generator().manual_seed(0))
     steps = {"ours": make_train_step(ours, device, spec["precision"], args.adamw_kwargs),
              "official": make_train_step(official, device, spec["precision"])}
 
-    def block(side):
+    def block(side, count):
         def run():
             torch.manual_seed(0)
             np.random.seed(0)
             with official_context(device) if side == "official" else contextlib.nullcontext():
-                for _ in range(spec["steps"]):
+                for _ in range(count):
                     steps[side](imgs, labels)
         return run
 
-    runs = {side: block(side) for side in steps}
-    for side in runs:  # warm-up
-        with official_context(device) if side == "official" else contextlib.nullcontext():
-            for _ in range(spec["warmup"]):
-                steps[side](imgs, labels)
+    for side in steps:
+        block(side, spec["warmup"])()
+    runs = {side: block(side, spec["steps"]) for side in steps}
     memory = {}
     for side in runs:
         with PeakMemory(device) as peak:
@@ -684,13 +674,8 @@ def section_timing_train(args, device, plan):
 
 # ---------------------------------------------------------------------- section: timing (c) latency
 def section_timing_latency(args, device, plan):
-    skip = require_official(args)
-    if skip:
-        return skip
     spec = plan["latency"]
     ours, official = official_pair(spec["config"], args.official_dir, device)
-    ours.eval()
-    official.eval()
     # batch 1 with fractalar_in64's official settings (cfg 11), also for the tiny stand-in
     settings = sampling_settings("fractalar_in64", ours, DEFAULT_SAMPLING["fractalar_in64"]["num_iter_list"])
     labels = torch.zeros(1, dtype=torch.long, device=device)
@@ -721,18 +706,13 @@ def section_profile(args, device, plan):
     with profile(activities=activities) as prof:
         run()
         synchronize(device)
-    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     path = os.path.join(args.out, "profile_sampling.txt")
     write_atomic(path, events.table(sort_by=sort_key, row_limit=30))
-
-    def device_us(e):
-        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
-
-    key = device_us if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
-    top = sorted(events, key=key, reverse=True)[:10]
-    rows = [dict(op=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3, self_device_ms=device_us(e) / 1e3)
-            for e in top]
+    top = sorted(events, key=lambda e: getattr(e, sort_key), reverse=True)[:10]
+    rows = [dict(op=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
+                 self_device_ms=e.self_device_time_total / 1e3) for e in top]
     return dict(status="pass", rows=rows, table=path, batch=plan["profile_batch"], settings=settings)
 
 
@@ -811,9 +791,9 @@ def run(args):
                      train=lambda: section_train(args, device, plan),
                      torchrun=lambda: section_torchrun(args, device, plan),
                      sample=lambda: section_sample(args, device, plan),
-                     timing_sample=lambda: section_timing_sample(args, device, plan),
-                     timing_train=lambda: section_timing_train(args, device, plan),
-                     timing_latency=lambda: section_timing_latency(args, device, plan),
+                     timing_sample=require_official(args, lambda: section_timing_sample(args, device, plan)),
+                     timing_train=require_official(args, lambda: section_timing_train(args, device, plan)),
+                     timing_latency=require_official(args, lambda: section_timing_latency(args, device, plan)),
                      profile=lambda: section_profile(args, device, plan))
     for name in SECTIONS:
         if name in args.sections:
