@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import KVCache, attend, dropout_in_training, init_weights, merge_heads, patchify, run_blocks, unpatchify
+from .layers import (KVCache, StaticKVCache, attend, dropout_in_training, init_weights, merge_heads, patchify,
+                     run_blocks, static_caches, step_function, unpatchify)
 
 # (quirk) The official AR blocks hard-code these, whatever the dropout flags say; the
 # pretrained weights were trained with them.
@@ -165,7 +166,7 @@ class AR(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
-               next_level_sample_function, visualize=False, known=None, known_mask=None):
+               next_level_sample_function, visualize=False, known=None, known_mask=None, fast=False):
         """Generate L patches one at a time (num_iter is ignored: AR always takes L steps).
 
         cond_list[0]: (B, C), or (2B, C) when cfg != 1 (rows 0..B-1 conditional,
@@ -173,8 +174,14 @@ class AR(nn.Module):
         feeds one token through the blocks thanks to a key/value cache.
         known / known_mask: optional (B, 3, H, W) values and bools; fully known patches
         are taken as they are, partly known ones recurse with their known part.
+        fast: False (the official random stream), True (static-shape decode steps under
+        torch.compile) or "eager" (the same steps uncompiled); conditional generation
+        (known) always takes the official path.
         Returns (B, 3, H, W) normalised images.
         """
+        if fast and known is None:
+            return self.sample_static(cond_list[0], cfg, cfg_schedule, temperature, filter_threshold,
+                                      next_level_sample_function, visualize, fast)
         guided = cfg != 1.0
         cond = cond_list[0]
         B = cond.shape[0] // 2 if guided else cond.shape[0]
@@ -200,6 +207,50 @@ class AR(nn.Module):
             new_token = self.patch_emb(patches[:, step])
             x = torch.cat([new_token, new_token]) if guided else new_token
             x = x.unsqueeze(1)
+        return unpatchify(patches, p, self.grid_size)
+
+    # ----------------------------------------------------------------- static decoding
+    def decode_tokens(self, tokens, pos, buffers):
+        """tokens: (rows, T, D) embeddings at positions pos (T,) long; buffers: one (k, v)
+        pair (rows, nh, L+1, hd) per block, written in place -> outputs (rows, T, D)."""
+        rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D) each
+        x = self.patch_emb_ln(tokens + self.pos_embed_learned[:, pos])
+        x = run_blocks(self.blocks, x, caches=static_caches(buffers, pos), rope=rope)
+        return self.norm(x)
+
+    def decode_patch(self, patch, pos, buffers, guided):
+        """One decode step: the patch (B, 3p^2) generated at position pos - 1 goes in, the
+        condition (rows, D) of the patch at position pos comes out."""
+        token = self.patch_emb(patch).unsqueeze(1)  # (B, 1, D)
+        if guided:  # both halves see the same patches
+            token = torch.cat([token, token])
+        return self.decode_tokens(token, pos, buffers)[:, 0]
+
+    def sample_static(self, cond, cfg, cfg_schedule, temperature, filter_threshold, next_level,
+                      visualize, fast):
+        """`sample` without known pixels, as fixed-shape steps (see StaticKVCache): the
+        condition token is one step, every patch another, each a candidate for one
+        compiled graph. cond: (rows, C). Returns (B, 3, H, W)."""
+        guided = cfg != 1.0
+        B = cond.shape[0] // 2 if guided else cond.shape[0]
+        p, L = self.patch_size, self.seq_len
+        patches = torch.zeros(B, L, 3 * p * p, device=cond.device)
+        positions = torch.arange(L + 1, device=cond.device)
+        x = self.cond_emb(cond).unsqueeze(1)  # (rows, 1, D)
+        attention = self.blocks[0].attention
+        buffers = StaticKVCache.buffers(x.shape[0], attention.num_heads, L + 1, x.shape[-1] // attention.num_heads,
+                                        x, len(self.blocks))
+        prefill, step = step_function(AR.decode_tokens, fast), step_function(AR.decode_patch, fast)
+        h = prefill(self, x, positions[:1], buffers)[:, 0]
+        for i in range(L):
+            if i > 0:
+                h = step(self, patches[:, i - 1], positions[i:i + 1], buffers, guided)
+            cfg_iter = 1 + (cfg - 1) * (i + 1) / L if cfg_schedule == "linear" else cfg
+            out = next_level(cond_list=[h], cfg=cfg_iter, temperature=temperature,
+                             filter_threshold=filter_threshold)
+            patches[:, i] = out.reshape(B, -1)
+            if visualize:
+                visualize(unpatchify(patches, p, self.grid_size), i + 1, L)
         return unpatchify(patches, p, self.grid_size)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .ar import AR, ARBlock
-from .layers import PIXEL_MEAN, PIXEL_STD, Block
+from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast
 from .mar import MAR
 from .pixelloss import PixelLoss
 
@@ -134,7 +134,7 @@ class FractalGen(nn.Module):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, cond_list, num_iter_list, cfg, cfg_schedule, temperature, filter_threshold,
-               fractal_level, visualize=False, known=None, known_mask=None):
+               fractal_level, visualize=False, known=None, known_mask=None, fast=False):
         """Official sampling API.
 
         cond_list: conditions (B, C) for this level (level 0: five references to the class
@@ -144,6 +144,7 @@ class FractalGen(nn.Module):
         cfg their parent hands them. visualize: False, or a callable(images (B, 3, H, W)
         normalised, step, total) called after every step of this level.
         known / known_mask (additions): (B, 3, H, W) pixels to keep and where.
+        fast (addition): see `generate`.
         Returns (B, 3, H, W) ImageNet-normalised images on the k/255 grid.
         """
         if len(num_iter_list) != self.num_fractal_levels - 1:
@@ -153,26 +154,34 @@ class FractalGen(nn.Module):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if isinstance(self.next_fractal, FractalGen):
             next_level = functools.partial(self.next_fractal.sample, num_iter_list=num_iter_list,
-                                           cfg_schedule="constant", fractal_level=fractal_level + 1)
+                                           cfg_schedule="constant", fractal_level=fractal_level + 1, fast=fast)
         else:
-            next_level = self.next_fractal.sample
+            next_level = functools.partial(self.next_fractal.sample, fast=fast)
         if visualize is True:
             visualize = False  # the official flag drives Colab widgets; pass a callable instead
         return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule,
                                      temperature, filter_threshold, next_level, visualize,
-                                     known=known, known_mask=known_mask)
+                                     known=known, known_mask=known_mask, fast=fast)
 
     @torch.no_grad()
     def generate(self, labels, num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0,
-                 filter_threshold=1e-4, known=None, known_mask=None, progress=None):
+                 filter_threshold=1e-4, known=None, known_mask=None, progress=None, fast=False):
         """Class labels in, uint8 images out.
 
         labels: (B,) ints (tensor or list). known: optional uint8 (B, 3, H, W) image and
         known_mask: bool broadcastable to it (True = keep that pixel/channel exactly); the
         rest is generated conditioned on it (inpainting, outpainting, uncropping, editing).
         progress: optional callable(images uint8 (B, 3, H, W), step, total) after each
-        top-level step. Returns uint8 (B, 3, H, W) on the model's device.
+        top-level step.
+        fast: False (default) draws the official random stream, so a seed gives the
+        official images bit for bit. True runs static-shape decode steps (preallocated
+        key/value caches, rows padded to fixed sizes, no host syncs) compiled with
+        torch.compile: several times faster at small batch once compiled, the same
+        distribution, other random draws. "eager" runs those steps uncompiled (tests).
+        Conditional generation (known) always takes the official path.
+        Returns uint8 (B, 3, H, W) on the model's device.
         """
+        check_fast(fast)
         device = self.fake_latent.device
         labels = torch.as_tensor(labels, device=device)
         if labels.ndim == 0:
@@ -195,7 +204,7 @@ class FractalGen(nn.Module):
                 visualize = lambda imgs, step, total: progress(to_uint8(imgs), step, total)
             imgs = self.sample([emb] * NUM_LEVEL0_CONDS, num_iter_list, cfg, cfg_schedule, temperature,
                                filter_threshold, fractal_level=0, visualize=visualize,
-                               known=known_norm, known_mask=mask)
+                               known=known_norm, known_mask=mask, fast=fast)
         finally:
             self.train(was_training)
         return to_uint8(imgs)

@@ -5,6 +5,8 @@ timm-style block (used bidirectionally by MAR and causally by the pixel head), o
 weight init and one patchify live here. The AR generator's LlamaGen block differs for
 real (RMSNorm, SwiGLU, rotary embedding) and lives in `ar.py`, but calls `attend` too.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,6 +77,74 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
+class StaticKVCache:
+    """Keys and values of one attention layer in buffers as long as the whole sequence,
+    written in place at the positions `pos` (a (T,) long tensor) of the new tokens.
+
+    Every decode step then has the same shapes and no host sync, which is what
+    torch.compile (and CUDA graphs) need: attention runs over the full buffer with a mask
+    of the positions written so far. The buffers start as zeros so the masked slots hold
+    finite values. Sampling-time state, like KVCache.
+    """
+
+    def __init__(self, k, v, pos):
+        self.k, self.v, self.pos = k, v, pos  # (B, nh, S, hd) each; (T,)
+
+    @staticmethod
+    def buffers(rows, num_heads, max_len, head_dim, like, count):
+        """`count` pairs of zero (k, v) buffers (rows, nh, max_len, hd) with the dtype and
+        device of `like`."""
+        shape = (rows, num_heads, max_len, head_dim)
+        return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in range(count)]
+
+    def append(self, k, v):
+        """k, v: (B, nh, T, hd) at positions pos -> the buffers and the (T, S) bool mask of
+        the keys each new token sees (those at or before its position)."""
+        self.k.index_copy_(2, self.pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.pos, v.to(self.v.dtype))
+        visible = torch.arange(self.k.shape[2], device=k.device) <= self.pos.unsqueeze(1)  # (T, S)
+        return self.k, self.v, visible
+
+
+def static_caches(buffers, pos):
+    """One StaticKVCache per (k, v) pair of `buffers`, all at positions `pos`."""
+    return [StaticKVCache(k, v, pos) for k, v in buffers]
+
+
+def compute_dtype(device, param_dtype):
+    """The dtype activations take under the current autocast state (for cache buffers)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
+
+
+def step_function(fn, fast, dynamic=False):
+    """The decode step `fn` as it is (fast == "eager"), or compiled (fast is True).
+
+    Compiled once per function and kept: dynamo caches the graphs per code object and
+    guards on the module each call passes, so every level (and batch size) gets its own
+    graph, built on first use. Shapes are static by default: the callers bucket row
+    counts. dynamic=True compiles one graph for every bucket instead (MAR levels, whose
+    steps have several kept-position counts: fewer compilations on the CPU; CUDA graphs
+    would want the static buckets). Inductor keeps the compiled code on disk too
+    (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), so a new process
+    skips most of the compile time."""
+    check_fast(fast)
+    return fn if fast == "eager" else _compiled(fn, dynamic)
+
+
+def check_fast(fast):
+    if fast is not True and fast is not False and fast != "eager":
+        raise ValueError(f"fast must be False, True or 'eager', got {fast!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, dynamic):
+    # one graph per level, batch size and bucket: more than dynamo's default of 8 per function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=dynamic)
+
+
 def merge_heads(x):
     """(B, nh, T, hd) -> (B, T, nh*hd)"""
     B, nh, T, hd = x.shape
@@ -106,8 +176,14 @@ def attend(q, k, v, causal=False, dropout_p=0.0, cache=None):
 
     With a cache, k and v of the new tokens are appended first. A causal cached call is
     either a prefill (empty cache, causal mask over the new tokens) or one new token that
-    sees everything before it (no mask needed).
+    sees everything before it (no mask needed). A StaticKVCache masks by position instead.
     """
+    if isinstance(cache, StaticKVCache):
+        k, v, visible = cache.append(k, v)
+        # written out rather than SDPA: under torch.compile the few-query attention then
+        # fuses with its neighbours instead of calling the flash kernel
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, T, S)
+        return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
     if cache is not None:
         first = cache.length == 0
         k, v = cache.append(k, v)

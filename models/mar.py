@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from .ar import sample_patches, split_known
-from .layers import Block, init_weights, patchify, run_blocks, unpatchify
-from .pixelloss import PixelLoss
+from .layers import Block, init_weights, patchify, run_blocks, step_function, unpatchify
+from .pixelloss import PixelLoss, bucket_size
 
 # (quirk) The guiding-pixel head of the official 256x256 models has this fixed shape.
 GUIDING_HEAD = dict(width=128, depth=3, num_heads=4, r_weight=5.0)
@@ -123,7 +123,16 @@ class MAR(nn.Module):
         # the outputs on a zero-bordered w x w grid, so that border neighbours read zeros
         slots = (keep // g + 1) * w + keep % g + 1  # (B, K)
         grid = x.new_zeros(B, w * w, D).scatter(1, slots.unsqueeze(-1).expand(-1, -1, D), x)
+        if rows is None:  # the grid alone (see `sample_static`)
+            return grid
         b, pos = rows.nonzero(as_tuple=True)  # (N,) each
+        return self.conditions_at(grid, b, pos, count)
+
+    def conditions_at(self, grid, b, pos, count=None):
+        """The first `count` conditions of the patches (b, pos), (N,) each, read from the
+        zero-bordered (B, w*w, D) grid of outputs built by `next_conditions`."""
+        B, _, D = grid.shape
+        g, w = self.grid_size, self.grid_size + 2
         centre = b * w * w + (pos // g + 1) * w + pos % g + 1
         offsets = (0, -w, 1, w, -1)[:count or self.num_next_conds]  # middle, top, right, bottom, left
         flat = grid.view(B * w * w, D)
@@ -151,14 +160,18 @@ class MAR(nn.Module):
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
-               next_level_sample_function, visualize=False, known=None, known_mask=None):
+               next_level_sample_function, visualize=False, known=None, known_mask=None, fast=False):
         """Generate the patches in min(L, num_iter) steps, MaskGIT-style cosine schedule.
 
         cond_list: conditions (B, C), or (2B, C) when cfg != 1 (rows 0..B-1 conditional,
         B..2B-1 unconditional). known / known_mask: optional (B, 3, H, W) values and bools;
         fully known patches are visible from the start and never sampled, partly known
-        ones recurse with their known pixels. Returns (B, 3, H, W) normalised images.
+        ones recurse with their known pixels. fast: see AR.sample.
+        Returns (B, 3, H, W) normalised images.
         """
+        if fast and known is None:
+            return self.sample_static(cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
+                                      next_level_sample_function, visualize, fast)
         guided = cfg != 1.0
         B = cond_list[0].shape[0] // 2 if guided else cond_list[0].shape[0]
         L, p = self.seq_len, self.patch_size
@@ -184,10 +197,7 @@ class MAR(nn.Module):
 
         num_steps = min(L, num_iter)
         for step in range(num_steps):
-            masked_now = mask.sum(dim=1)
-            target = (num_unknown * math.cos(math.pi / 2 * (step + 1) / num_steps)).floor().long()
-            # keep at least one masked for the next step while any is left
-            mask_len = torch.maximum(masked_now.clamp(max=1), torch.minimum(masked_now - 1, target))
+            mask_len = cosine_mask_len(num_unknown, mask.sum(dim=1), step, num_steps)
             if step == num_steps - 1:
                 mask_next = torch.zeros_like(mask)
             else:
@@ -215,6 +225,99 @@ class MAR(nn.Module):
                 visualize(unpatchify(patches, p, self.grid_size), step + 1, num_steps)
         return unpatchify(patches, p, self.grid_size)
 
+    def sample_static(self, cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
+                      next_level, visualize, fast):
+        """`sample` without known pixels and without host syncs: every row then predicts
+        the same number of patches per step, known ahead from the schedule, so each step
+        has fixed shapes -- the rows (padded to a power of two, see `bucket_size`) and the
+        kept positions (a power of two). Patches are generated in the order of a random
+        permutation, as in `sample`; the transformer (`predict`) is the compiled part,
+        with dynamic shapes (see `step_function`)."""
+        guided = cfg != 1.0
+        halves = 1 + guided
+        B = cond_list[0].shape[0] // halves
+        L, p = self.seq_len, self.patch_size
+        device = cond_list[0].device
+        cond_list = list(cond_list)
+        if self.guiding_pixel:
+            guiding = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold, fast=fast)
+            cond_list.append(torch.cat([guiding, guiding]) if guided else guiding)
+        size = bucket_size(B)
+        cond_list = [pad_halves(c, halves, size) for c in cond_list]  # (halves * size, C)
+        patches = torch.zeros(size, L, 3 * p * p, device=device)
+        orders = torch.rand(size, L, device=device).argsort(dim=1)
+        ranks = orders.argsort(dim=1)
+        batch = torch.arange(halves * size, device=device).unsqueeze(1)  # (rows, 1)
+        predict = step_function(MAR.predict, fast, dynamic=True)
+        done = 0  # patches generated so far, the same count in every row
+        schedule = static_schedule(L, min(L, num_iter))
+        for step, (mask_len, count) in enumerate(schedule):
+            positions = orders[:, done:done + count]  # (size, count) the patches of this step
+            keep = self.static_keep(positions, ranks, done, count)
+            tokens, token_mask = patches, ranks >= done
+            if guided:  # both halves see the same patches
+                tokens, token_mask, keep, positions = (torch.cat([t, t]) for t in (tokens, token_mask, keep, positions))
+            x = predict(self, tokens, token_mask, cond_list, keep)  # (rows, K, D)
+            grid = self.next_conditions(x, keep, None)
+            cond_next = self.conditions_at(grid, batch.expand(-1, count).reshape(-1), positions.reshape(-1))
+            cond_next = [unpad_halves(c, halves, size, B * count) for c in cond_next]
+            cfg_iter = 1 + (cfg - 1) * (1 - mask_len / L) if cfg_schedule == "linear" else cfg
+            out = next_level(cond_list=cond_next, cfg=cfg_iter, temperature=temperature,
+                             filter_threshold=filter_threshold)  # (B * count, 3, p, p)
+            new = positions[:size].unsqueeze(-1).expand(-1, -1, 3 * p * p)
+            patches[:B].scatter_(1, new[:B], out.reshape(B, count, -1).to(patches.dtype))
+            done += count
+            if visualize:
+                visualize(unpatchify(patches[:B], p, self.grid_size), step + 1, len(schedule))
+        return unpatchify(patches[:B], p, self.grid_size)
+
+    def static_keep(self, positions, ranks, done, count):
+        """Kept positions of a static step: the patches of this step (and their neighbours
+        when the next level reads them) first, padded to a power-of-two count known on
+        the host (an upper bound of what is needed)."""
+        neighbours = self.num_next_conds > 1
+        rows = ranks.new_zeros(ranks.shape, dtype=torch.bool).scatter_(1, positions, True)
+        bound = count * (NUM_NEIGHBOUR_CONDS if neighbours else 1)
+        return needed_positions(rows, self.grid_size, neighbours, k=bucket_size(bound))
+
+
+def cosine_mask_len(num_unknown, masked_now, step, num_steps):
+    """Patches left masked after `step` of the cosine schedule (at least one while any is
+    left); tensors of any shape, float32 arithmetic as in the official code."""
+    target = (num_unknown * math.cos(math.pi / 2 * (step + 1) / num_steps)).floor().long()
+    return torch.maximum(masked_now.clamp(max=1), torch.minimum(masked_now - 1, target))
+
+
+def static_schedule(seq_len, num_steps):
+    """[(mask_len, count)] per step when every patch starts unknown: the (clamped) mask
+    length the linear cfg schedule reads, and how many patches the step generates.
+    Computed on the CPU before sampling, so the loop needs no host sync."""
+    L = torch.tensor(seq_len)
+    masked, schedule = seq_len, []
+    for step in range(num_steps):
+        mask_len = int(cosine_mask_len(L, torch.tensor(masked), step, num_steps))
+        after = 0 if step == num_steps - 1 else mask_len
+        schedule.append((mask_len, masked - after))
+        masked = after
+    return schedule
+
+
+def pad_halves(x, halves, size):
+    """(halves * n, C) -> (halves * size, C), each half padded with zero rows."""
+    n = x.shape[0] // halves
+    if n == size:
+        return x
+    padded = x.new_zeros(halves, size, x.shape[-1])
+    padded[:, :n] = x.view(halves, n, -1)
+    return padded.view(halves * size, -1)
+
+
+def unpad_halves(x, halves, size, n):
+    """(halves * size, C) rows ordered (half, row) -> the first n rows of each half."""
+    if n == x.shape[0] // halves:
+        return x
+    return x.view(halves, -1, x.shape[-1])[:, :n].reshape(halves * n, -1)
+
 
 # The last block skips the patches whose outputs the next level does not read. The kept
 # count is padded to a multiple of KEEP_MULTIPLE: at such row counts the CPU matmul and
@@ -224,10 +327,11 @@ class MAR(nn.Module):
 KEEP_MULTIPLE = 4
 
 
-def needed_positions(rows, grid_size, neighbours):
+def needed_positions(rows, grid_size, neighbours, k=None):
     """rows: (B, L) bool of the patches handed to the next level -> (B, K) positions whose
     outputs are needed: those patches (and their four neighbours if `neighbours`) first,
-    padded with others to a common K; all L when that is (nearly) all."""
+    padded with others to a common K; all L when that is (nearly) all. k: a K known to
+    suffice (no host sync), instead of counting."""
     B, L = rows.shape
     need = rows
     if neighbours:
@@ -238,7 +342,8 @@ def needed_positions(rows, grid_size, neighbours):
         need[:, :, :-1] |= grid[:, :, 1:]
         need[:, :, 1:] |= grid[:, :, :-1]
         need = need.view(B, L)
-    k = -(-int(need.sum(dim=1).max()) // KEEP_MULTIPLE) * KEEP_MULTIPLE
+    if k is None:
+        k = -(-int(need.sum(dim=1).max()) // KEEP_MULTIPLE) * KEEP_MULTIPLE
     if k >= L:
         return torch.arange(L, device=rows.device).expand(B, L)
     return torch.sort((~need).to(torch.uint8), dim=1, stable=True).indices[:, :max(k, KEEP_MULTIPLE)]

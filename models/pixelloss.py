@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import PIXEL_MEAN, PIXEL_STD, Block, KVCache, init_weights, run_blocks
+from .layers import (PIXEL_MEAN, PIXEL_STD, Block, KVCache, StaticKVCache, init_weights, run_blocks, static_caches,
+                     step_function)
 
 NUM_LEVELS = 256  # 8-bit pixel values
 
@@ -112,15 +113,19 @@ class PixelLoss(nn.Module):
         return loss.mean()
 
     @torch.no_grad()
-    def sample(self, cond_list, temperature, cfg, filter_threshold=0, known=None, known_mask=None):
+    def sample(self, cond_list, temperature, cfg, filter_threshold=0, known=None, known_mask=None, fast=False):
         """Draw r, g, b in turn. cond_list[0]: (N, C), or (2N, C) when cfg != 1 (rows
         0..N-1 conditional, N..2N-1 unconditional). known / known_mask: optional (N, 3)
         normalised values and bools; known channels are taken instead of drawn (and the
         later channels are conditioned on them). Returns (N, 3) normalised pixels.
 
         Each channel is one cached step of the causal transformer, so the three
-        passes cost one token each."""
+        passes cost one token each. fast (True or "eager", without known): the three
+        steps as one fixed-shape function (`draw_pixels`), rows padded to a power of two.
+        """
         cond = cond_list[0]
+        if fast and known is None:
+            return self.sample_static(cond, temperature, cfg, filter_threshold, fast)
         guided = cfg != 1.0
         n = cond.shape[0] // 2 if guided else cond.shape[0]
         known_ids = self.to_pixel_ids(known.reshape(n, 3)) if known is not None else None
@@ -148,6 +153,49 @@ class PixelLoss(nn.Module):
                 next_ids = torch.cat([ids[:, c], ids[:, c]]) if guided else ids[:, c]
                 x = self.codebooks()[c](next_ids).unsqueeze(1)
         return self.from_pixel_ids(ids)
+
+
+    def sample_static(self, cond, temperature, cfg, filter_threshold, fast):
+        """`sample` without known pixels through `draw_pixels` on padded rows."""
+        guided = cfg != 1.0
+        n = cond.shape[0] // 2 if guided else cond.shape[0]
+        halves = cond.view(1 + guided, n, -1)  # conditional rows [, unconditional rows]
+        size = bucket_size(n)
+        padded = halves.new_zeros(1 + guided, size, halves.shape[-1])
+        padded[:, :n] = halves
+        # tensors, not floats: a float argument would be a constant of the compiled graph
+        temperature = torch.tensor(float(temperature), device=cond.device)
+        cfg = torch.tensor(float(cfg), device=cond.device)
+        draw = step_function(PixelLoss.draw_pixels, fast)
+        return draw(self, padded.view((1 + guided) * size, -1), temperature, cfg, filter_threshold, guided)[:n]
+
+    def draw_pixels(self, cond, temperature, cfg, filter_threshold, guided):
+        """r, g, b of every row in one fixed-shape function (one graph under torch.compile).
+        cond: (rows, C) laid out as in `sample`; temperature, cfg: 0-d tensors.
+        Returns (n, 3) normalised pixels."""
+        rows = cond.shape[0]
+        n = rows // 2 if guided else rows
+        x = self.cond_proj(cond).unsqueeze(1)  # (rows, 1, W)
+        heads = self.blocks[0].attn.num_heads
+        buffers = StaticKVCache.buffers(rows, heads, 3, x.shape[-1] // heads, x, len(self.blocks))
+        ids = []
+        for c in range(3):
+            pos = torch.full((1,), c, dtype=torch.long, device=cond.device)
+            h = self.norm(run_blocks(self.blocks, self.ln(x), caches=static_caches(buffers, pos)))[:, 0]
+            logits = self.channel_logits(h, c) * temperature  # (quirk) temperature multiplies
+            if guided:
+                logits = guided_logits(logits[:n], logits[n:], cfg, filter_threshold)
+            ids.append(sample_categorical(torch.softmax(logits, dim=-1)))
+            if c < 2:
+                next_ids = torch.cat([ids[c], ids[c]]) if guided else ids[c]
+                x = self.codebooks()[c](next_ids).unsqueeze(1)
+        return self.from_pixel_ids(torch.stack(ids, dim=1))
+
+
+def bucket_size(n):
+    """Rows a fixed-shape step is run at for n real rows: the next power of two, so that
+    a varying row count compiles a few graphs (at most 2x the rows)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def sample_categorical(probs):

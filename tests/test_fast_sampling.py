@@ -1,0 +1,172 @@
+"""The fast sampler (`generate(fast=...)`): static-shape decode steps draw from the same
+distribution as the official sampler.
+
+The fast path draws other random numbers, so images cannot be compared one by one:
+instead >= 200 images from each path (same weights, same settings) are reduced to
+per-image statistics and compared with a two-sample Kolmogorov-Smirnov test. A broken
+variant (temperature dividing the logits instead of multiplying them) must fail the same
+test, so the test can tell.
+"""
+import math
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from models import FractalGen, MAR
+from models import mar as mar_module
+from models.layers import StaticKVCache, attend
+from models.pixelloss import PixelLoss, bucket_size
+
+NUM_IMAGES = 240
+SETTINGS = dict(num_iter_list=(4, 4), cfg=2.0, cfg_schedule="linear", temperature=0.6, filter_threshold=1e-4)
+P_SAME = 1e-3  # the same distribution passes with this margin (p is uniform under the null)
+P_BROKEN = 1e-6  # a broken sampler must be rejected far below it
+
+
+def tiny_model(types):
+    """4x4 images, 2x2 patches: a few steps per level. The output biases are made large
+    and the widths small so that pixel distributions are peaked and depend on the
+    temperature (random init alone gives near-uniform pixels, where any sampler passes)."""
+    torch.manual_seed(0)
+    model = FractalGen(img_size_list=(4, 2, 1), embed_dim_list=(32, 16, 16), num_blocks_list=(1, 1, 1),
+                       num_heads_list=(2, 2, 2), generator_type_list=types,
+                       num_conds=5 if types[0] == "mar" else 1, class_num=4).eval()
+    head = model.next_fractal.next_fractal
+    with torch.no_grad():
+        for mlm in head.heads():
+            mlm.bias.copy_(torch.randn(1, 256) * 4)
+    return model
+
+
+def image_statistics(model, fast, seed):
+    torch.manual_seed(seed)
+    labels = torch.arange(NUM_IMAGES) % 4
+    images = model.generate(labels, fast=fast, **SETTINGS).float()  # (N, 3, 4, 4)
+    flat = images.flatten(1)
+    # mean brightness, contrast and the red channel: what temperature and guidance move
+    return {"mean": flat.mean(1), "std": flat.std(1), "red": images[:, 0].flatten(1).mean(1)}
+
+
+def min_ks_pvalue(a, b):
+    return min(ks_2samp(a[k].numpy(), b[k].numpy()).pvalue for k in a)
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread(one_thread):
+    pass
+
+
+@pytest.fixture(scope="module", params=[("ar", "ar", "ar"), ("mar", "mar", "ar")], ids=["ar", "mar"])
+def model_and_reference(request):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model(request.param)
+        yield model, image_statistics(model, False, seed=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_static_steps_sample_the_official_distribution(model_and_reference, monkeypatch):
+    model, reference = model_and_reference
+    fast = image_statistics(model, "eager", seed=2)
+    p_same = min_ks_pvalue(reference, fast)
+    assert p_same > P_SAME, p_same
+
+    # negative control: temperature dividing the logits (0.6 -> x1.67 instead of x0.6)
+    draw = PixelLoss.draw_pixels
+    monkeypatch.setattr(PixelLoss, "draw_pixels", lambda self, cond, temperature, *rest:
+                        draw(self, cond, 1 / temperature, *rest))
+    broken = image_statistics(model, "eager", seed=2)
+    p_broken = min_ks_pvalue(reference, broken)
+    assert p_broken < P_BROKEN, p_broken
+
+
+@pytest.mark.slow
+def test_compiled_steps_sample_the_official_distribution(model_and_reference):
+    model, reference = model_and_reference
+    compiled = image_statistics(model, True, seed=3)
+    assert min_ks_pvalue(reference, compiled) > P_SAME
+
+
+# ---------------------------------------------------------------- the pieces
+def test_static_cache_attention_equals_growing_cache():
+    """Step by step, attention over the preallocated, masked buffer gives the growing
+    cache's result (rounding only: the masked slots add exact zeros)."""
+    torch.manual_seed(0)
+    B, nh, S, hd = 3, 2, 7, 8
+    q, k, v = (torch.randn(B, nh, S, hd) for _ in range(3))
+    full = attend(q, k, v, causal=True)
+    (kbuf, vbuf), = StaticKVCache.buffers(B, nh, S, hd, q, 1)
+    for t in range(S):
+        pos = torch.tensor([t])
+        out = attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], causal=True,
+                     cache=StaticKVCache(kbuf, vbuf, pos))
+        torch.testing.assert_close(out, full[:, :, t:t + 1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(kbuf, k) and torch.equal(vbuf, v)  # written in place at each position
+
+
+def test_static_prefill_is_causal():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    (kbuf, vbuf), = StaticKVCache.buffers(2, 2, 9, 4, q, 1)
+    out = attend(q, k, v, cache=StaticKVCache(kbuf, vbuf, torch.arange(5)))
+    torch.testing.assert_close(out, attend(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+
+
+def test_bucket_sizes_are_the_next_power_of_two():
+    assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 200)] == [1, 2, 4, 4, 8, 8, 16, 256]
+
+
+@pytest.mark.parametrize("seq_len, num_steps", [(16, 4), (256, 16), (4, 4), (16, 16), (16, 64)])
+def test_static_schedule_matches_the_official_masking(seq_len, num_steps):
+    """The host-side schedule of the fast MAR sampler: the counts of the official
+    sampler's loop (all patches unknown), every patch generated exactly once."""
+    schedule = mar_module.static_schedule(seq_len, min(seq_len, num_steps))
+    masked = torch.tensor([seq_len])
+    steps = min(seq_len, num_steps)
+    for step, (mask_len, count) in enumerate(schedule):
+        expected_len = mar_module.cosine_mask_len(torch.tensor([seq_len]), masked, step, steps)
+        assert mask_len == int(expected_len)
+        after = 0 if step == steps - 1 else int(expected_len)
+        assert count == int(masked) - after >= 1
+        masked = torch.tensor([after])
+    assert sum(count for _, count in schedule) == seq_len
+
+
+def test_fast_mar_generates_every_patch_once(monkeypatch):
+    """Every patch of the fast MAR sampler is written by exactly one step."""
+    model = tiny_model(("mar", "mar", "ar"))
+    writes = []
+    scatter = torch.Tensor.scatter_
+
+    def counting_scatter(self, dim, index, src):
+        if self.shape[1:] == (4, 12):  # level 0: 4 patches of 3 x 2 x 2 per image
+            writes.append(index[..., 0].clone())
+        return scatter(self, dim, index, src)
+
+    monkeypatch.setattr(torch.Tensor, "scatter_", counting_scatter)
+    model.generate([0, 1, 2], fast="eager", **SETTINGS)
+    positions = torch.cat(writes, dim=1)
+    assert positions.shape == (3, 4)
+    assert torch.equal(positions.sort(dim=1).values, torch.arange(4).expand(3, 4))
+
+
+def test_fast_path_keeps_conditional_generation_exact():
+    """With known pixels the fast flag takes the official path: known pixels stay."""
+    model = tiny_model(("mar", "mar", "ar"))
+    known = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mask = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    torch.manual_seed(0)
+    fast = model.generate([0, 1], known=known, known_mask=mask, fast=True, **SETTINGS)
+    torch.manual_seed(0)
+    exact = model.generate([0, 1], known=known, known_mask=mask, **SETTINGS)
+    assert torch.equal(fast, exact) and torch.equal(fast[mask], known[mask])
+
+
+def test_fast_flag_is_checked():
+    model = tiny_model(("ar", "ar", "ar"))
+    with pytest.raises(ValueError, match="fast must be"):
+        model.generate([0], fast="yes", **SETTINGS)
