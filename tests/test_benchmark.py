@@ -5,6 +5,7 @@ the table and the JSON carry every field, and that each fast path computes the s
 as the straightforward one (so sampling with a fixed seed is unchanged by it).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -49,16 +50,50 @@ def test_benchmark_runs_and_reports_every_field(tmp_path, capsys):
 
 
 def test_benchmark_bf16_row_and_phase_selection(capsys):
-    report = benchmark.main(TINY_ARGS + ["--precision", "bf16", "--phases", "eval", "--no-flops"])
+    report = benchmark.main(TINY_ARGS + ["--precision", "bf16", "--phases", "eval", "--no_flops"])
+    text = capsys.readouterr().out
+    if not benchmark.native_bf16(torch.device("cpu")):
+        assert report["results"] == [] and "no native bf16" in text
+        return
     (row,) = report["results"]
     assert row["precision"] == "bf16" and "eval" in row and "train" not in row and "sample" not in row
-    assert "bf16" in capsys.readouterr().out
+    assert "bf16" in text
 
 
-BAD_ARGS = [(["--configs", "nope"], "unknown config"), (["--num-iter", "0"], "positive"),
-            (["--device", "tpu"], "not a device")]
+def test_benchmark_fast_and_batch_rows(capsys):
+    """--fast off on and --sample_batch 1 2: one sampling row each; training and eval only
+    in the first row of the configuration (they depend on neither)."""
+    report = benchmark.main(TINY_ARGS + ["--no_flops", "--fast", "off", "on", "--sample_batch", "1", "2",
+                                         "--phases", "eval", "sample"])
+    rows = report["results"]
+    assert [(r["fast"], r["sample"]["batch"]) for r in rows] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    assert "eval" in rows[0] and not any("eval" in r for r in rows[1:])
+    assert all("first_call_s_per_image" in r["sample"] for r in rows[2:])
+    assert "first call (cold" in capsys.readouterr().out
+
+
+def test_hyphenated_flags_still_work():
+    args = benchmark.parse_args(["--train-batch", "3", "--num-iter", "2", "2", "--no-flops", "--sample-batch", "1"])
+    assert args.train_batch == 3 and args.num_iter == [2, 2] and args.flops is False and args.sample_batch == [1]
+    assert "--train-batch" not in benchmark_help()  # hidden: --help shows the underscore spelling
+    assert "--train_batch" in benchmark_help()
+
+
+def benchmark_help():
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        benchmark.parse_args(["--help"])
+    return out.getvalue()
+
+
+BAD_ARGS = [(["--configs", "nope"], "unknown config"), (["--num_iter", "0"], "--num_iter must be at least 1"),
+            (["--sample_batch", "0"], "--sample_batch must be at least 1"),
+            (["--threads", "0"], "--threads must be at least 1"), (["--cfg", "nan"], "--cfg must be a finite"),
+            (["--checkpoint", "/nonexistent.pth"], "no such file"), (["--device", "tpu"], "not a device")]
 if not torch.cuda.is_available():
-    BAD_ARGS.append((["--device", "cuda"], "no CUDA GPU"))
+    BAD_ARGS.append((["--device", "cuda"], "CUDA is not available"))
 
 
 @pytest.mark.parametrize("argv, message", BAD_ARGS)
@@ -66,6 +101,37 @@ def test_benchmark_bad_arguments_fail_with_one_sentence(argv, message):
     with pytest.raises(SystemExit) as err:
         benchmark.main(argv)
     assert message in str(err.value)
+
+
+class CreatesMarker:
+    """Unpickling this runs os.system: a loader that honours it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_flag_loads_weights_only(tmp_path):
+    """--checkpoint goes through util.checkpoint (weights_only=True): a crafted pickle is
+    refused in one sentence and its payload never runs; a real checkpoint loads."""
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"model": CreatesMarker(marker)}, crafted)
+    with pytest.raises(SystemExit) as err:
+        benchmark.main(TINY_ARGS + ["--checkpoint", str(crafted), "--phases", "eval", "--no_flops"])
+    assert "refusing to load" in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+
+    torch.manual_seed(3)
+    model = FractalGen(**benchmark.BENCH_CONFIGS["tiny"])
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    loaded = benchmark.build_model("tiny", torch.device("cpu"), str(good))
+    assert torch.equal(loaded.class_emb.weight, model.class_emb.weight)
+    with pytest.raises(benchmark.UserInputError, match="does not fit"):
+        benchmark.build_model("bench64", torch.device("cpu"), str(good))
 
 
 def test_flop_formula_counts_a_linear():
@@ -161,6 +227,6 @@ def test_pixel_head_without_blue_token_matches_the_four_token_pass():
 
 @pytest.mark.slow
 def test_benchmark_compile_row_runs():
-    report = benchmark.main(TINY_ARGS + ["--compile", "on", "--no-flops", "--phases", "eval", "sample"])
+    report = benchmark.main(TINY_ARGS + ["--compile", "on", "--no_flops", "--phases", "eval", "sample"])
     (row,) = report["results"]
     assert row["compile"] is True and row["sample"]["s_per_image"] > 0

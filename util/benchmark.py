@@ -4,6 +4,7 @@
     python -m util.benchmark --configs bench64 --threads 2 --json bench.json
     python -m util.benchmark --device cuda                    # adds every official configuration
     python -m util.benchmark --precision fp32 bf16 --compile off on   # opt-in rows
+    python -m util.benchmark --phases sample --sample_batch 1 4 --fast off on   # the fast sampler
 
 Models get random weights (or --checkpoint), inputs are random images and labels, and
 every number comes after warm-up:
@@ -13,6 +14,8 @@ every number comes after warm-up:
          forward varies; the seed fixes the sequence);
 - sample: seconds per image of `model.generate` (CFG, linear schedule), split into the
          time spent inside each level's generator excluding its children, and the pixel head;
+         one row per --sample_batch and --fast choice; fast rows also report the first
+         call (compilation included: cold) before the timed (warm) one;
 - peak memory of each phase (CUDA: max allocated; CPU: the process's peak resident set);
 - FLOPs per image of each phase and level (torch.utils.flop_counter formulas, causal
   attention counted in full) and, divided by the time, the fraction of this machine's
@@ -33,8 +36,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from models import DEFAULT_SAMPLING, MAR, MODELS, FractalGen, create_model, fixed_masking, from_uint8
-from util.misc import autocast, keep_freed_memory, synchronize
+from models import (DEFAULT_SAMPLING, MAR, MODELS, CheckpointMismatchError, FractalGen, create_model, fixed_masking,
+                    from_uint8)
+from util.checkpoint import load_checkpoint
+from util.misc import UserInputError, autocast, keep_freed_memory, one_line, synchronize
+from util.validation import check_device, finite_nonnegative, positive_int
 
 # Reference configurations of the performance issue: the 64x64 architecture scaled down
 # so that CPU runs take seconds.
@@ -61,16 +67,20 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # rows of the tabl
 # ---------------------------------------------------------------------- model and data
 def build_model(name, device, checkpoint=None):
     """A named configuration (BENCH_CONFIGS or models.MODELS) with random weights, or the
-    weights of `checkpoint` (a file holding a state_dict or {'model': state_dict})."""
+    weights of `checkpoint` (a checkpoint file with a 'model' entry, official or ours,
+    read with weights_only=True by util.checkpoint)."""
     if name in BENCH_CONFIGS:
         model = FractalGen(**BENCH_CONFIGS[name])
     elif name in MODELS:
         model = create_model(name)
     else:
-        raise SystemExit(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+        raise UserInputError(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state.get("model", state))
+        state = load_checkpoint(checkpoint)["model"]
+        try:
+            model.load_state_dict(state)
+        except CheckpointMismatchError as e:
+            raise UserInputError(f"--checkpoint {checkpoint} does not fit --configs {name}: {one_line(e)}") from None
     return model.to(device)
 
 
@@ -380,12 +390,21 @@ def run_generate(model, batch, settings, device, precision, generator):
         return model.generate(labels, **settings)
 
 
-def bench_sample(model, batch, settings, device, precision, generator, warmup, flops=False):
+def bench_sample(model, batch, settings, device, precision, generator, warmup, flops=False, fast=False):
     """Seconds per image of `generate` and the exclusive seconds per image spent in each
-    level; with flops, the FLOPs per image of each level, counted on a replay."""
+    level; with flops, the FLOPs per image of each level, counted on a replay. fast: the
+    fast sampler, whose graphs are built per batch size: it warms up at the timed batch,
+    and the first of those calls is reported as the cold time (compilation included)."""
     model.eval()
-    for _ in range(warmup):
-        run_generate(model, 1, settings, device, precision, generator)
+    settings = dict(settings, fast=fast)
+    cold = None
+    for i in range(warmup):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run_generate(model, batch if fast else 1, settings, device, precision, generator)
+        synchronize(device)
+        if fast and i == 0:
+            cold = (time.perf_counter() - t0) / batch
     state, labels_state = rng_state(device), generator.get_state()
     sections = Sections(device if device.type == "cuda" else None)
     if device.type == "cuda":
@@ -406,7 +425,9 @@ def bench_sample(model, batch, settings, device, precision, generator, warmup, f
     levels = {name: sections.time[name] / batch for name in level_names(model)}
     levels["outside levels"] = max(total / batch - sum(levels.values()), 0.0)
     result = dict(s_per_image=total / batch, levels_s_per_image=levels, peak_mem_bytes=memory.peak,
-                  calls={name: sections.calls[name] for name in level_names(model)})
+                  calls={name: sections.calls[name] for name in level_names(model)}, batch=batch)
+    if cold is not None:
+        result["first_call_s_per_image"] = cold
     if flops:
         set_rng_state(device, state)
         generator.set_state(labels_state)
@@ -434,23 +455,27 @@ def add_peak_fractions(row, rate):
 
 
 # ---------------------------------------------------------------------- driver
-def benchmark_config(name, args, device, precision, compile_model, rate):
+def benchmark_config(name, args, device, precision, compile_model, rate, fast=False, sample_batch=None,
+                     phases=None):
+    """One row: `phases` (default args.phases) of one configuration, precision, compile
+    and fast choice; sampling at `sample_batch` (default: the device's)."""
     torch.manual_seed(args.seed)
     model = build_model(name, device, args.checkpoint)
     batch = dict(DEFAULT_BATCH[device.type])
-    for phase in batch:
+    for phase in ("train", "eval"):
         if getattr(args, f"{phase}_batch") is not None:
             batch[phase] = getattr(args, f"{phase}_batch")
+    batch["sample"] = sample_batch or batch["sample"]
     settings = sampling_settings(name, args.num_iter, args.cfg)
     generator = torch.Generator().manual_seed(args.seed)
     if compile_model:
         model.compile_blocks()
-    row = dict(config=name, device=device.type, precision=precision, compile=compile_model,
+    row = dict(config=name, device=device.type, precision=precision, compile=compile_model, fast=fast,
                params=sum(p.numel() for p in model.parameters()), batch=batch,
                sampling={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
     # FLOPs are counted on the eager model: compiling changes none
-    count = args.flops and not compile_model
-    phases = args.phases
+    count = args.flops and not compile_model and not fast
+    phases = args.phases if phases is None else phases
     if "train" in phases:
         row["train"] = bench_train(model, batch["train"], args.steps, args.warmup, device, precision,
                                    generator, count)
@@ -458,11 +483,43 @@ def benchmark_config(name, args, device, precision, compile_model, rate):
         row["eval"] = bench_eval(model, batch["eval"], args.steps, args.warmup, device, precision,
                                  generator, count)
     if "sample" in phases:
-        warmup = args.sample_warmup if args.sample_warmup is not None else int(device.type == "cuda" or compile_model)
+        warmup = args.sample_warmup
+        if warmup is None:
+            warmup = int(device.type == "cuda" or compile_model or fast)
         row["sample"] = bench_sample(model, batch["sample"], settings, device, precision, generator,
-                                     warmup, count)
+                                     warmup, count, fast)
     add_peak_fractions(row, rate)
     return row
+
+
+def row_plan(args):
+    """(precision, compile, fast, sample batch, phases) of every row per configuration.
+    Training and NLL evaluation do not depend on the fast sampler or the sampling batch:
+    they run in the first row of each precision and compile choice only."""
+    plan = []
+    for precision in args.precision:
+        for compile_flag in args.compile:
+            first = True
+            for fast_flag in args.fast:
+                for sample_batch in args.sample_batch or [None]:
+                    phases = [p for p in args.phases if p == "sample" or first]
+                    first = False
+                    if phases:
+                        plan.append((precision, compile_flag == "on", fast_flag == "on", sample_batch, phases))
+    return plan
+
+
+def native_bf16(device):
+    """Whether `device` computes bf16 natively: CUDA, or a CPU whose flags list
+    AVX512-BF16 or AMX-BF16 (elsewhere bf16 matmuls are emulated, far slower than fp32)."""
+    if device.type != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def machine_info(device, threads):
@@ -497,8 +554,8 @@ def format_table(report):
     lines = [f"# {m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
              f"malloc {'keep-freed' if m.get('malloc_keep_freed') else 'default'}; matmul "
              + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rate.items())]
-    header = (f"{'config':<22} {'prec':<5} {'comp':<4} {'train img/s':>11} {'mem':>6} {'%pk':>4} "
-              f"{'eval img/s':>10} {'mem':>6} {'%pk':>4} {'sample s/img':>12} {'mem':>6} {'%pk':>4}")
+    header = (f"{'config':<22} {'prec':<5} {'comp':<4} {'fast':<4} {'train img/s':>11} {'mem':>6} {'%pk':>4} "
+              f"{'eval img/s':>10} {'mem':>6} {'%pk':>4} {'batch':>5} {'sample s/img':>12} {'mem':>6} {'%pk':>4}")
     lines += [header, "-" * len(header)]
 
     def pct(d):
@@ -509,9 +566,13 @@ def format_table(report):
         t, e, s = row.get("train", {}), row.get("eval", {}), row.get("sample", {})
         lines.append(
             f"{row['config']:<22} {row['precision']:<5} {'yes' if row['compile'] else 'no':<4} "
+            f"{'yes' if row.get('fast') else 'no':<4} "
             f"{fmt(t.get('images_per_s'), '.2f'):>11} {fmt_bytes(t.get('peak_mem_bytes')):>6} {pct(t):>4} "
             f"{fmt(e.get('images_per_s'), '.2f'):>10} {fmt_bytes(e.get('peak_mem_bytes')):>6} {pct(e):>4} "
+            f"{fmt(s.get('batch'), 'd'):>5} "
             f"{fmt(s.get('s_per_image'), '.3f'):>12} {fmt_bytes(s.get('peak_mem_bytes')):>6} {pct(s):>4}")
+        if "first_call_s_per_image" in s:
+            lines.append(f"    first call (cold, compilation included): {s['first_call_s_per_image']:.3f} s/img")
         if s:
             flops = s.get("levels_flops_per_image", {})
             fractions = s.get("levels_fraction_of_matmul_peak", {})
@@ -531,70 +592,110 @@ def format_table(report):
     return "\n".join(lines)
 
 
+def add_flag(parser, name, **kwargs):
+    """--name with underscores, like every other script, plus the hyphenated spelling this
+    tool used to take as a hidden alias."""
+    parser.add_argument(f"--{name}", **kwargs)
+    if "_" in name:
+        kwargs.pop("help", None)
+        kwargs.setdefault("dest", name)
+        parser.add_argument(f"--{name.replace('_', '-')}", help=argparse.SUPPRESS, **kwargs)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=None,
-                   help=f"names from {', '.join([*BENCH_CONFIGS, *MODELS])} "
-                        "(default: bench64 bench64ar, plus every official configuration on CUDA)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
-                   help="one row per precision; bf16 = torch.autocast to bfloat16")
-    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
-                   help="one row per choice; on = torch.compile of every transformer block")
-    p.add_argument("--phases", nargs="+", default=["train", "eval", "sample"], choices=["train", "eval", "sample"])
-    p.add_argument("--train-batch", type=int, default=None)
-    p.add_argument("--eval-batch", type=int, default=None)
-    p.add_argument("--sample-batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps / eval forwards")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--sample-warmup", type=int, default=None,
-                   help="untimed batch-1 generations first (default: 1 on CUDA or with compile, else 0)")
-    p.add_argument("--num-iter", type=int, nargs="+", default=None,
-                   help="sampling iterations per generator level (default: 16 4 for bench configs, "
-                        "the official settings for official configurations)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 2.0 / official)")
-    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
-    p.add_argument("--checkpoint", default=None, help="load these weights instead of random ones")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                   help="keep (default): glibc keeps freed memory for reuse (see keep_freed_memory); "
-                        "default: glibc's own policy, as in a plain python process")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_flag(p, "configs", nargs="+", default=None,
+             help=f"names from {', '.join([*BENCH_CONFIGS, *MODELS])} "
+                  "(default: bench64 bench64ar, plus every official configuration on CUDA)")
+    add_flag(p, "device", default="cpu", help="cpu, cuda or cuda:N")
+    add_flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_flag(p, "precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
+             help="one row per precision; bf16 = torch.autocast to bfloat16 (CPU: only where the CPU "
+                  "has native bf16, AVX512-BF16 or AMX; skipped elsewhere)")
+    add_flag(p, "compile", nargs="+", default=["off"], choices=["off", "on"],
+             help="one row per choice; on = torch.compile of every transformer block")
+    add_flag(p, "fast", nargs="+", default=["off"], choices=["off", "on"],
+             help="one row per choice; on = the fast sampler, generate(fast=True) (sampling only)")
+    add_flag(p, "phases", nargs="+", default=["train", "eval", "sample"], choices=["train", "eval", "sample"])
+    add_flag(p, "train_batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
+    add_flag(p, "eval_batch", type=int, default=None, help="default 16 on CPU, 64 on CUDA")
+    add_flag(p, "sample_batch", type=int, nargs="+", default=None,
+             help="one row per batch size (default 4 on CPU, 64 on CUDA), e.g. 1 4")
+    add_flag(p, "steps", type=int, default=5, help="timed training steps / eval forwards")
+    add_flag(p, "warmup", type=int, default=2, help="untimed steps before timing")
+    add_flag(p, "sample_warmup", type=int, default=None,
+             help="untimed generations first (default: 1 on CUDA, with compile or fast, else 0)")
+    add_flag(p, "num_iter", type=int, nargs="+", default=None,
+             help="sampling iterations per generator level (default: 16 4 for bench configs, "
+                  "the official settings for official configurations)")
+    add_flag(p, "cfg", type=float, default=None, help="guidance scale (default 2.0 / official)")
+    add_flag(p, "no_flops", dest="flops", action="store_false", help="skip the FLOP count")
+    add_flag(p, "checkpoint", default=None, help="load these weights (a checkpoint with a 'model' entry) "
+                                                 "instead of random ones")
+    add_flag(p, "seed", type=int, default=0)
+    add_flag(p, "malloc", default="keep", choices=["keep", "default"],
+             help="keep (default): glibc keeps freed memory for reuse (see keep_freed_memory); "
+                  "default: glibc's own policy, as in a plain python process")
+    add_flag(p, "json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag checked before any model is built; raises UserInputError."""
+    device = check_device(args.device)
+    for name in args.configs or []:
+        if name not in BENCH_CONFIGS and name not in MODELS:
+            raise UserInputError(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+    for flag in ("threads", "train_batch", "eval_batch", "steps"):
+        if getattr(args, flag) is not None:
+            positive_int(f"--{flag}", getattr(args, flag))
+    for flag in ("warmup", "sample_warmup"):
+        if getattr(args, flag) is not None:
+            positive_int(f"--{flag}", getattr(args, flag), minimum=0)
+    for value in args.sample_batch or []:
+        positive_int("--sample_batch", value)
+    for value in args.num_iter or []:
+        positive_int("--num_iter", value)
+    if args.cfg is not None:
+        finite_nonnegative("--cfg", args.cfg)
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise UserInputError(f"--checkpoint {args.checkpoint}: no such file; pass the path of a checkpoint .pth")
+    return device
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return run(args)
+    except UserInputError as e:
+        raise SystemExit(one_line(e)) from None
+
+
+def run(args):
+    device = check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     malloc_tuned = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
     configs = args.configs or (["bench64", "bench64ar"] + (OFFICIAL if device.type == "cuda" else []))
-    for name in configs:
-        if name not in BENCH_CONFIGS and name not in MODELS:
-            raise SystemExit(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
-    if args.num_iter is not None and any(n < 1 for n in args.num_iter):
-        raise SystemExit("--num-iter values must be positive")
+    if "bf16" in args.precision and not native_bf16(device):
+        print("note: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in its flags): skipping the "
+              "bf16 rows, which would time an emulation", flush=True)
+        args.precision = [p for p in args.precision if p != "bf16"]
 
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f}: other processes share the CPU, "
               f"so these timings will be low and noisy", flush=True)
     rates = {p: matmul_rate(device, PRECISIONS[p]) for p in args.precision}
-    report = dict(machine=dict(machine_info(device, torch.get_num_threads()), malloc_keep_freed=malloc_tuned),
+    report = dict(machine=dict(machine_info(device, torch.get_num_threads()), malloc_keep_freed=malloc_tuned,
+                               native_bf16=native_bf16(device)),
                   matmul_flop_s=rates, results=[])
     for name in configs:
-        for precision in args.precision:
-            for compile_flag in args.compile:
-                row = benchmark_config(name, args, device, precision, compile_flag == "on", rates[precision])
-                report["results"].append(row)
-                print(format_table(dict(report, results=[row])).split("\n", 3)[-1], flush=True)
+        for precision, compile_model, fast, sample_batch, phases in row_plan(args):
+            row = benchmark_config(name, args, device, precision, compile_model, rates[precision], fast,
+                                   sample_batch, phases)
+            report["results"].append(row)
+            print(format_table(dict(report, results=[row])).split("\n", 3)[-1], flush=True)
     print()
     print(format_table(report))
     if args.json:
