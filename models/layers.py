@@ -111,11 +111,21 @@ def static_caches(buffers, pos):
     return [StaticKVCache(k, v, pos) for k, v in buffers]
 
 
-def compute_dtype(device, param_dtype):
-    """The dtype activations take under the current autocast state (for cache buffers)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return param_dtype
+def pad_halves(x, halves, size):
+    """(halves * n, C) -> (halves * size, C), each half padded with zero rows."""
+    n = x.shape[0] // halves
+    if n == size:
+        return x
+    padded = x.new_zeros(halves, size, x.shape[-1])
+    padded[:, :n] = x.view(halves, n, -1)
+    return padded.view(halves * size, -1)
+
+
+def unpad_halves(x, halves, size, n):
+    """(halves * size, C) rows ordered (half, row) -> the first n rows of each half."""
+    if n == x.shape[0] // halves:
+        return x
+    return x.view(halves, -1, x.shape[-1])[:, :n].reshape(halves * n, -1)
 
 
 def step_function(fn, fast, dynamic=False):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .ar import sample_patches, split_known
-from .layers import Block, init_weights, patchify, run_blocks, step_function, unpatchify
+from .layers import Block, init_weights, pad_halves, patchify, run_blocks, step_function, unpad_halves, unpatchify
 from .pixelloss import PixelLoss, bucket_size
 
 # (quirk) The guiding-pixel head of the official 256x256 models has this fixed shape.
@@ -300,23 +300,6 @@ def static_schedule(seq_len, num_steps):
         schedule.append((mask_len, masked - after))
         masked = after
     return schedule
-
-
-def pad_halves(x, halves, size):
-    """(halves * n, C) -> (halves * size, C), each half padded with zero rows."""
-    n = x.shape[0] // halves
-    if n == size:
-        return x
-    padded = x.new_zeros(halves, size, x.shape[-1])
-    padded[:, :n] = x.view(halves, n, -1)
-    return padded.view(halves * size, -1)
-
-
-def unpad_halves(x, halves, size, n):
-    """(halves * size, C) rows ordered (half, row) -> the first n rows of each half."""
-    if n == x.shape[0] // halves:
-        return x
-    return x.view(halves, -1, x.shape[-1])[:, :n].reshape(halves * n, -1)
 
 
 # The last block skips the patches whose outputs the next level does not read. The kept

@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (PIXEL_MEAN, PIXEL_STD, Block, KVCache, StaticKVCache, init_weights, run_blocks, static_caches,
-                     step_function)
+from .layers import (PIXEL_MEAN, PIXEL_STD, Block, KVCache, StaticKVCache, init_weights, pad_halves, run_blocks,
+                     static_caches, step_function)
 
 NUM_LEVELS = 256  # 8-bit pixel values
 
@@ -159,15 +159,13 @@ class PixelLoss(nn.Module):
         """`sample` without known pixels through `draw_pixels` on padded rows."""
         guided = cfg != 1.0
         n = cond.shape[0] // 2 if guided else cond.shape[0]
-        halves = cond.view(1 + guided, n, -1)  # conditional rows [, unconditional rows]
         size = bucket_size(n)
-        padded = halves.new_zeros(1 + guided, size, halves.shape[-1])
-        padded[:, :n] = halves
         # tensors, not floats: a float argument would be a constant of the compiled graph
         temperature = torch.tensor(float(temperature), device=cond.device)
         cfg = torch.tensor(float(cfg), device=cond.device)
         draw = step_function(PixelLoss.draw_pixels, fast)
-        return draw(self, padded.view((1 + guided) * size, -1), temperature, cfg, filter_threshold, guided)[:n]
+        padded = pad_halves(cond, 1 + guided, size)  # conditional rows [, unconditional rows], each padded
+        return draw(self, padded, temperature, cfg, filter_threshold, guided)[:n]
 
     def draw_pixels(self, cond, temperature, cfg, filter_threshold, guided):
         """r, g, b of every row in one fixed-shape function (one graph under torch.compile).

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from models import FractalGen, from_uint8
+from models import FractalGen, from_uint8, layers
 from models import mar as mar_module
 from models.ar import apply_rope, rope_2d_table, rope_factors
 from models.pixelloss import sample_categorical
@@ -60,9 +60,12 @@ def test_benchmark_bf16_row_and_phase_selection(capsys):
     assert "bf16" in text
 
 
-def test_benchmark_fast_and_batch_rows(capsys):
+def test_benchmark_fast_and_batch_rows(capsys, monkeypatch):
     """--fast off on and --sample_batch 1 2: one sampling row each; training and eval only
-    in the first row of the configuration (they depend on neither)."""
+    in the first row of the configuration (they depend on neither). The fast steps run
+    uncompiled here (compiling takes minutes on a busy 2-core machine; the slow test below
+    compiles)."""
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic: fn)
     report = benchmark.main(TINY_ARGS + ["--no_flops", "--fast", "off", "on", "--sample_batch", "1", "2",
                                          "--phases", "eval", "sample"])
     rows = report["results"]
@@ -230,3 +233,10 @@ def test_benchmark_compile_row_runs():
     report = benchmark.main(TINY_ARGS + ["--compile", "on", "--no_flops", "--phases", "eval", "sample"])
     (row,) = report["results"]
     assert row["compile"] is True and row["sample"]["s_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_compiled_fast_row_runs():
+    report = benchmark.main(TINY_ARGS + ["--fast", "on", "--no_flops", "--phases", "sample"])
+    (row,) = report["results"]
+    assert row["fast"] is True and row["sample"]["first_call_s_per_image"] > 0

@@ -7,16 +7,17 @@ per-image statistics and compared with a two-sample Kolmogorov-Smirnov test. A b
 variant (temperature dividing the logits instead of multiplying them) must fail the same
 test, so the test can tell.
 """
-import math
 
 import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from models import FractalGen, MAR
+from models import FractalGen
 from models import mar as mar_module
 from models.layers import StaticKVCache, attend
 from models.pixelloss import PixelLoss, bucket_size
+from util.benchmark import native_bf16
+from util.misc import autocast
 
 NUM_IMAGES = 240
 SETTINGS = dict(num_iter_list=(4, 4), cfg=2.0, cfg_schedule="linear", temperature=0.6, filter_threshold=1e-4)
@@ -39,10 +40,11 @@ def tiny_model(types):
     return model
 
 
-def image_statistics(model, fast, seed):
+def image_statistics(model, fast, seed, precision="fp32"):
     torch.manual_seed(seed)
     labels = torch.arange(NUM_IMAGES) % 4
-    images = model.generate(labels, fast=fast, **SETTINGS).float()  # (N, 3, 4, 4)
+    with autocast(torch.device("cpu"), precision):
+        images = model.generate(labels, fast=fast, **SETTINGS).float()  # (N, 3, 4, 4)
     flat = images.flatten(1)
     # mean brightness, contrast and the red channel: what temperature and guidance move
     return {"mean": flat.mean(1), "std": flat.std(1), "red": images[:, 0].flatten(1).mean(1)}
@@ -88,6 +90,15 @@ def test_compiled_steps_sample_the_official_distribution(model_and_reference):
     model, reference = model_and_reference
     compiled = image_statistics(model, True, seed=3)
     assert min_ks_pvalue(reference, compiled) > P_SAME
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
+@pytest.mark.parametrize("fast", [False, "eager"])
+def test_bf16_samples_the_fp32_distribution(model_and_reference, fast):
+    """The benchmark's bf16 rows (torch.autocast) time a sampler with the same distribution."""
+    model, reference = model_and_reference
+    bf16 = image_statistics(model, fast, seed=4, precision="bf16")
+    assert min_ks_pvalue(reference, bf16) > P_SAME
 
 
 # ---------------------------------------------------------------- the pieces
