@@ -211,7 +211,8 @@ def generate_images(model, args, epoch, folder, features):
         with misc.autocast(device, args.precision):
             images = model.generate(labels[ids.start:ids.stop].to(device), num_iter_list=args.num_iter_list,
                                     cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                    filter_threshold=args.filter_threshold)
+                                    filter_threshold=args.filter_threshold,
+                                    fast=getattr(args, "fast_sampling", False))
         misc.synchronize(device)
         seconds = time.perf_counter() - start
         if step == 0:

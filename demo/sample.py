@@ -177,6 +177,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks: faster MAR sampling after a slow first call; "
                         "floats differ from eager at rounding level, so seeded images may differ")
+    p.add_argument("--fast", action="store_true",
+                   help="fast sampler: static-shape steps compiled with torch.compile (the first run compiles; "
+                        "the same distribution, other random draws than the official sampler)")
     p.add_argument("--output", default="samples.png", help="grid PNG to write")
     p.add_argument("--gif", default=None, help="also write the generation process as an animated GIF")
     p.add_argument("--scale", type=int, default=None, help="enlarge the PNG/GIF this many times (default: auto)")
@@ -220,7 +223,7 @@ def main(argv=None):
     start = time.time()
     with autocast(device, precision):
         images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
-                                 progress=record, **settings)
+                                 progress=record, fast=args.fast, **settings)
     print(f"\ngenerated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)
     tiles, nrow = layout(images, shown, args.num_per_label)
     save_grid(tiles, args.output, nrow=nrow, scale=scale)
