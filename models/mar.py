@@ -1,4 +1,5 @@
 """MAR generator: patches in random order with bidirectional attention (MAE/timm blocks)."""
+import functools
 import math
 from contextlib import contextmanager
 
@@ -288,10 +289,11 @@ def cosine_mask_len(num_unknown, masked_now, step, num_steps):
     return torch.maximum(masked_now.clamp(max=1), torch.minimum(masked_now - 1, target))
 
 
+@functools.lru_cache(maxsize=None)
 def static_schedule(seq_len, num_steps):
     """[(mask_len, count)] per step when every patch starts unknown: the (clamped) mask
     length the linear cfg schedule reads, and how many patches the step generates.
-    Computed on the CPU before sampling, so the loop needs no host sync."""
+    Computed on the CPU before sampling (once per shape), so the loop needs no host sync."""
     L = torch.tensor(seq_len)
     masked, schedule = seq_len, []
     for step in range(num_steps):

@@ -164,6 +164,25 @@ def test_fast_mar_generates_every_patch_once(monkeypatch):
     assert torch.equal(positions.sort(dim=1).values, torch.arange(4).expand(3, 4))
 
 
+@pytest.mark.parametrize("types", [("ar", "ar", "ar"), ("mar", "mar", "ar")], ids=["ar", "mar"])
+def test_static_steps_never_read_a_tensor_on_the_host(types, monkeypatch):
+    """No .item(), bool(), int(), float(), .tolist() or .nonzero() anywhere in the fast
+    sampler: each would be a device sync on CUDA and a graph break under torch.compile."""
+    model = tiny_model(types)
+    settings = dict(SETTINGS, fast="eager")
+    with torch.no_grad():
+        cond = [torch.cat([model.class_emb(torch.tensor([0, 1])), model.fake_latent.expand(2, -1)])] * 5
+        model.sample(cond, fractal_level=0, **settings)  # fills the host-side schedule caches
+
+        def sync(self, *args, **kwargs):
+            raise AssertionError("host sync in the fast sampler")
+
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, sync)
+        images = model.sample(cond, fractal_level=0, **settings)
+    assert images.shape == (2, 3, 4, 4)
+
+
 def test_fast_path_keeps_conditional_generation_exact():
     """With known pixels the fast flag takes the official path: known pixels stay."""
     model = tiny_model(("mar", "mar", "ar"))
