@@ -15,6 +15,9 @@ from .mar import MAR
 from .pixelloss import PixelLoss
 
 GENERATORS = {"ar": AR, "mar": MAR}
+SAMPLING_KEYS = ("num_iter_list", "cfg", "cfg_schedule", "temperature", "filter_threshold")
+# the official sample() defaults, used where neither the caller nor the model says otherwise
+API_SAMPLING = dict(cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
 NUM_LEVEL0_CONDS = 5  # level 0 hands five references to the class embedding to its generator
 MAX_DEFAULT_ITERS = 64
 
@@ -33,6 +36,10 @@ class FractalGen(nn.Module):
             validate_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
                             generator_type_list, num_conds, guiding_pixel, class_num)
         self.fractal_level = fractal_level
+        # set by create_model / models.load_model: the configuration's name and the sampling
+        # settings generate() uses for arguments it is not given (None: the official API's)
+        self.model_name = None
+        self.sampling_defaults = None
         self.num_fractal_levels = len(img_size_list)
         self.img_size_list = tuple(img_size_list)
         L = fractal_level
@@ -164,9 +171,26 @@ class FractalGen(nn.Module):
                                      known=known, known_mask=known_mask, fast=fast)
 
     @torch.no_grad()
-    def generate(self, labels, num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0,
-                 filter_threshold=1e-4, known=None, known_mask=None, progress=None, fast=False):
+    def sampling_config(self, **given):
+        """The settings generate() uses: each of SAMPLING_KEYS from `given` when not None,
+        else from `self.sampling_defaults` (set by models.load_model: the checkpoint's stored
+        settings or the model's DEFAULT_SAMPLING), else cfg 1, temperature 1, linear schedule,
+        filter 1e-4 and min(patches, 64) iterations per level."""
+        unknown = set(given) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown sampling settings {sorted(unknown)}; expected {', '.join(SAMPLING_KEYS)}")
+        settings = {**API_SAMPLING, "num_iter_list": self.default_num_iter_list(), **(self.sampling_defaults or {})}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        settings["num_iter_list"] = tuple(settings["num_iter_list"])
+        return settings
+
+    @torch.no_grad()
+    def generate(self, labels, num_iter_list=None, cfg=None, cfg_schedule=None, temperature=None,
+                 filter_threshold=None, known=None, known_mask=None, progress=None, fast=False):
         """Class labels in, uint8 images out.
+
+        Sampling settings left at None come from `sampling_config` (for a model from
+        models.load_model: those stored with its checkpoint, else the model's defaults).
 
         labels: (B,) ints (tensor or list). known: optional uint8 (B, 3, H, W) image and
         known_mask: bool broadcastable to it (True = keep that pixel/channel exactly); the
@@ -187,7 +211,10 @@ class FractalGen(nn.Module):
         if labels.ndim == 0:
             labels = labels.unsqueeze(0)
         self.check_labels(labels)
-        num_iter_list = tuple(num_iter_list or self.default_num_iter_list())
+        settings = self.sampling_config(num_iter_list=num_iter_list, cfg=cfg, cfg_schedule=cfg_schedule,
+                                        temperature=temperature, filter_threshold=filter_threshold)
+        num_iter_list, cfg, cfg_schedule = settings["num_iter_list"], settings["cfg"], settings["cfg_schedule"]
+        temperature, filter_threshold = settings["temperature"], settings["filter_threshold"]
         B, S = labels.shape[0], self.img_size
         known_norm = mask = None
         if known is not None:
@@ -331,7 +358,8 @@ def check_state_dict(model, state_dict):
         parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: " + show(unexpected, str))
     raise CheckpointMismatchError(
         "checkpoint does not match this model configuration (was it saved from another --model, "
-        "img_size, num_conds or guiding_pixel?): " + "; ".join(parts))
+        "img_size, class_num, num_conds or guiding_pixel? models.load_model(path) reads them from the "
+        "checkpoint): " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------- named configurations
@@ -406,8 +434,11 @@ DEFAULT_SAMPLING = {
     "fractalmar_base_in256": dict(num_iter_list=(64, 16, 16), cfg=29.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
     "fractalmar_large_in256": dict(num_iter_list=(64, 16, 16), cfg=21.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
     "fractalmar_huge_in256": dict(num_iter_list=(64, 16, 16), cfg=19.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
-    "fractalar_tiny": dict(num_iter_list=(16, 16), cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4),
-    "fractalmar_tiny": dict(num_iter_list=(16, 16), cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4),
+    # no official numbers: what the quick start's briefly trained models sample best with (a
+    # small model spreads some probability over wrong colours; sharper logits and mild
+    # guidance remove it)
+    "fractalar_tiny": dict(num_iter_list=(16, 16), cfg=2.0, cfg_schedule="linear", temperature=2.0, filter_threshold=1e-4),
+    "fractalmar_tiny": dict(num_iter_list=(16, 16), cfg=2.0, cfg_schedule="linear", temperature=2.0, filter_threshold=1e-4),
 }
 
 
@@ -415,4 +446,6 @@ def create_model(name, **kwargs):
     """Build a named configuration; unknown names raise with the list of choices."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    model.model_name = name
+    return model

@@ -7,22 +7,29 @@ Each file lands in `pretrained_models/<name>/checkpoint-last.pth`. Bytes are str
 `checkpoint-last.pth.part`, which is renamed only once the whole file has arrived, so a
 half-written checkpoint can never be mistaken for a good one. An interrupted download
 (dropped connection, Ctrl-C) resumes from the `.part` file with an HTTP Range request the
-next time; a server that ignores Range makes it start over cleanly.
+next time; a server that ignores Range makes it start over cleanly. Without a network
+(no DNS, no route) it stops at once with one line, leaving nothing behind.
 
-Only the standard library and tqdm are used, so the script runs before anything else of
-the project is importable.
+Only the standard library and tqdm are used (through util.progress), so the script runs
+before torch is importable.
 """
 import argparse
+import errno
 import http.client
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as `python util/download.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.progress import progress_bar  # noqa: E402
 
 # Links from the official README. Their sizes are not published there; each download is
 # checked against the Content-Length the server announces instead.
@@ -113,9 +120,11 @@ def _fetch(url, part, timeout, chunk_size, progress, desc):
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
+        # the folder appears only once bytes arrive: a failed first request leaves nothing
+        os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)
         with open(part, "ab" if resuming else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=desc, disable=not progress, file=sys.stderr) as bar:
+                progress_bar(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=desc, disable=not progress) as bar:
             while chunk := response.read(chunk_size):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -140,7 +149,6 @@ def download_file(url, dest, *, retries=5, timeout=60.0, backoff=2.0, chunk_size
     dest = os.fspath(dest)
     if os.path.exists(dest) and not overwrite:
         return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     part = dest + ".part"
     url = direct_link(url)
     desc = os.path.basename(os.path.dirname(os.path.abspath(dest))) or os.path.basename(dest)
@@ -154,12 +162,30 @@ def download_file(url, dest, *, retries=5, timeout=60.0, backoff=2.0, chunk_size
             if os.path.exists(part):
                 os.remove(part)
         except (OSError, http.client.HTTPException) as e:  # drops, resets, timeouts
+            if is_offline(e):  # retrying cannot help: say so at once
+                raise DownloadError(f"cannot reach {urllib.parse.urlsplit(url).hostname} ({_reason(e)}); "
+                                    f"check the network connection, then run the same command again.") from None
             reason = e
         if attempt < retries:
             print(f"download interrupted ({reason}); retrying ({attempt + 1}/{retries})", file=sys.stderr)
             time.sleep(backoff * (attempt + 1))
-    raise DownloadError(f"could not download {url} after {retries + 1} attempts ({reason}); "
-                        f"run the same command again to resume from {part}.")
+    again = (f"run the same command again to resume from {part}" if os.path.exists(part)
+             else "run the same command again")
+    raise DownloadError(f"could not download {url} after {retries + 1} attempts ({reason}); {again}.")
+
+
+OFFLINE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+
+
+def is_offline(error):
+    """True for failures that mean no network at all: DNS lookup failed, no route."""
+    reason = getattr(error, "reason", error)  # urllib wraps socket errors in URLError
+    return isinstance(reason, socket.gaierror) or getattr(reason, "errno", None) in OFFLINE_ERRNOS
+
+
+def _reason(error):
+    reason = getattr(error, "reason", error)
+    return getattr(reason, "strerror", None) or str(reason)
 
 
 def checkpoint_path(name, root="pretrained_models"):
@@ -200,7 +226,7 @@ def main(argv=None):
     except DownloadError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; run the same command again to resume.")
+        raise SystemExit("interrupted; run the same command again to continue (a partial file resumes).")
 
 
 if __name__ == "__main__":
