@@ -30,7 +30,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("FractalGen training and evaluation")
+    parser = argparse.ArgumentParser("FractalGen training and evaluation",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     # training
     add("--batch_size", default=64, type=int, help="images per process and step (effective: x processes)")
@@ -40,6 +41,10 @@ def get_args_parser():
                                      "equal to --output_dir it may not exist yet (fresh start)")
     add("--start_epoch", default=0, type=int, help="first epoch when not resuming")
     add("--num_workers", default=10, type=int)
+    add("--threads", default=None, type=int,
+        help="CPU threads of each process for torch ops (torch.set_num_threads); default: torch's own, one per "
+             "core. On a machine other jobs share, fewer threads than cores avoid oversubscription, which can "
+             "make steps many times slower")
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (default; CUDA only)")
     add("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
@@ -112,6 +117,9 @@ def get_args_parser():
     add("--local_rank", "--local-rank", default=-1, type=int)
     add("--dist_on_itp", action="store_true")
     add("--dist_url", default="env://", help="rendezvous URL for init_process_group")
+    for action in parser._actions:  # the formatter shows defaults only for options with a help text
+        if action.help is None:
+            action.help = " "
     return parser
 
 
@@ -342,6 +350,8 @@ def run(args, device):
     training = not (args.evaluate_gen or args.evaluate_nll)
     generating = args.evaluate_gen or (training and args.online_eval)
     check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(validation.positive_int("--threads", args.threads))
     args.precision = misc.resolve_precision(args.precision, device)
     check_img_size(args)
 

@@ -11,12 +11,16 @@
    process (OUT/generation.gif) and conditional pixel prediction (OUT/conditional.png:
    inpainting and class-conditional editing of val images).
 
-Running it again reuses the dataset and the finished checkpoint (pass --fresh to retrain).
+Running it again reuses the dataset and the finished checkpoint (pass --fresh to retrain:
+that deletes only what the quick start's training wrote in OUT/train). The sampling
+settings used here are stored in the checkpoint, so demo/sample.py, the notebook and
+models.load_model(...).generate() sample it the same way.
 """
 import argparse
+import glob
 import json
 import os
-import shutil
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,18 +31,27 @@ if __package__ in (None, ""):  # run as `python demo/quickstart.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_fractalgen  # noqa: E402
-from demo.sample import load_model  # noqa: E402
+from demo.sample import StepBar  # noqa: E402
+from models import DEFAULT_SAMPLING, load_model  # noqa: E402
 from util import toy_data  # noqa: E402
+from util.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint  # noqa: E402
+from util.misc import UserInputError, one_line  # noqa: E402
+from util.progress import progress_bar  # noqa: E402
 from util.masks import make_mask  # noqa: E402
 from util.visualize import load_image, make_grid, save_gif, save_grid, show_known  # noqa: E402
 
+REPO = str(Path(__file__).resolve().parents[1])
 IMG_SIZE = 16  # the tiny models are built for 16x16 images
+QUICKSTART_MODELS = ("fractalar_tiny", "fractalmar_tiny")
+# what main_fractalgen.py writes in its output folder: --fresh deletes these and nothing else
+TRAINING_OUTPUTS = ("checkpoint*.pth", "checkpoint*.pth.tmp*", "log.txt", "events.out.tfevents.*")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train and sample a tiny FractalGen on a toy dataset (CPU, minutes).")
+    p = argparse.ArgumentParser(description="Train and sample a tiny FractalGen on a toy dataset (CPU, minutes).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="quickstart_out", help="everything goes here: data/, train/, PNGs, GIF")
-    p.add_argument("--model", default="fractalar_tiny", choices=["fractalar_tiny", "fractalmar_tiny"])
+    p.add_argument("--model", default="fractalar_tiny", choices=QUICKSTART_MODELS)
     p.add_argument("--num_classes", type=int, default=4, help=f"shapes to learn (1..{len(toy_data.CLASSES)})")
     p.add_argument("--num_train_per_class", type=int, default=400)
     p.add_argument("--num_val_per_class", type=int, default=25)
@@ -47,17 +60,19 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--blr", type=float, default=3e-2, help="base lr; lr = blr x batch_size / 256")
     p.add_argument("--samples_per_class", type=int, default=8)
-    # A tiny, briefly trained model spreads a little probability over wrong colours; sharper
-    # sampling and mild guidance clean that up (check: --temperature 1 --cfg 1).
-    p.add_argument("--temperature", type=float, default=2.0,
-                   help="multiplies the logits (official convention): above 1 is sharper")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    # unset: the model's DEFAULT_SAMPLING (temperature 2, cfg 2 for the tiny models: a briefly
+    # trained model spreads a little probability over wrong colours, which sharper logits and
+    # mild guidance remove; compare --temperature 1 --cfg 1)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="multiplies the logits (official convention): above 1 is sharper; default: the model's")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; default: the model's")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch. The tiny model's ops are small: 2 threads were only "
                         "~1.25x faster than 1 on an idle 2-core machine, and ~10x slower on a busy one")
-    p.add_argument("--fresh", action="store_true", help="delete OUT/train and train from scratch")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the checkpoint, log and TensorBoard files of OUT/train and train from scratch")
     return p
 
 
@@ -89,60 +104,153 @@ def val_examples(data, num_classes):
     return torch.cat(images)
 
 
-def write_samples(model, args, out):
-    """One row per class; also a GIF of the generation process. Returns the two paths."""
-    labels = torch.arange(args.num_classes).repeat_interleave(args.samples_per_class)
-    frames = []
-    torch.manual_seed(args.seed)
-    images = model.generate(labels, cfg=args.cfg, temperature=args.temperature,
-                            progress=lambda canvas, step, total: frames.append(
-                                make_grid(canvas.cpu(), args.samples_per_class)))
-    png = save_grid(images.cpu(), os.path.join(out, "samples.png"), nrow=args.samples_per_class, scale=6)
-    frames.append(make_grid(images.cpu(), args.samples_per_class))
-    gif = save_gif(frames, os.path.join(out, "generation.gif"), scale=6)
+def write_samples(model, out, num_classes, per_class, seed):
+    """One row per class, with the model's sampling settings; also a GIF of the generation
+    process. Returns the two paths."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    steps = StepBar(frame=lambda canvas: make_grid(canvas, per_class))
+    torch.manual_seed(seed)
+    try:
+        images = model.generate(labels, progress=steps).cpu()
+    finally:
+        steps.close()
+    png = save_grid(images, os.path.join(out, "samples.png"), nrow=per_class, scale=6)
+    gif = save_gif(steps.frames + [make_grid(images, per_class)], os.path.join(out, "generation.gif"), scale=6)
     return png, gif
 
 
-def write_conditional(model, args, data, out, per_task=3):
+def write_conditional(model, data, out, num_classes, seed, per_task=3):
     """Rows per class: original, masked input, `per_task` inpaintings (same label); masked
     input, `per_task` edits under the next class's label. Returns the path."""
-    originals = val_examples(data, args.num_classes)
+    originals = val_examples(data, num_classes)
     device = next(model.parameters()).device
     mask = make_mask("inpaint", IMG_SIZE, frac=0.5)
     edit_mask = make_mask("edit", IMG_SIZE, frac=0.625)
     rows = []
-    torch.manual_seed(args.seed)
-    for c, image in enumerate(originals):
+    torch.manual_seed(seed)
+    for c, image in enumerate(progress_bar(originals, desc="inpainting and editing", unit="class")):
         image = image.unsqueeze(0)
-        same = model.generate([c] * per_task, cfg=args.cfg, temperature=args.temperature,
-                              known=image.to(device), known_mask=mask.to(device)).cpu()
-        other = (c + 1) % args.num_classes
-        edits = model.generate([other] * per_task, cfg=args.cfg, temperature=args.temperature,
-                               known=image.to(device), known_mask=edit_mask.to(device)).cpu()
+        same = model.generate([c] * per_task, known=image.to(device), known_mask=mask.to(device)).cpu()
+        other = (c + 1) % num_classes
+        edits = model.generate([other] * per_task, known=image.to(device), known_mask=edit_mask.to(device)).cpu()
         rows.append(torch.cat([image, show_known(image, mask), same, show_known(image, edit_mask), edits]))
     return save_grid(torch.cat(rows), os.path.join(out, "conditional.png"), nrow=2 * per_task + 3, scale=6)
 
 
+# ---------------------------------------------------------------------- OUT/train
+def check_train_dir(train_dir, data, model, fresh):
+    """OUT/train may only hold a quick start run (a tiny model trained on a folder named
+    data): never resume into, or delete, a run of something else."""
+    path = os.path.join(train_dir, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        return
+    args = load_checkpoint(path).get("args")
+    trained_on, trained = getattr(args, "data_path", None), getattr(args, "model", None)
+    ours = trained_on is not None and (os.path.abspath(trained_on) == data or
+                                       (os.path.basename(trained_on) == "data" and trained in QUICKSTART_MODELS))
+    if not ours:
+        raise UserInputError(f"{path} was not written by the quick start (it is a {trained} run on {trained_on}); "
+                             f"pass another --out, or move that run away")
+    if trained != model and not fresh:
+        raise UserInputError(f"{path} holds a {trained} run; add --fresh to train --model {model} in its place, "
+                             f"or pass another --out")
+
+
+def remove_training_outputs(train_dir):
+    """--fresh: delete the checkpoints, log and TensorBoard files main_fractalgen.py wrote in
+    OUT/train, and nothing else (a file of yours there stays)."""
+    for pattern in TRAINING_OUTPUTS:
+        for path in glob.glob(os.path.join(glob.escape(train_dir), pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
+
+
+def store_sampling(train_dir, settings):
+    """Record the sampling settings in the checkpoint (its 'sampling' entry), so that
+    models.load_model, demo/sample.py and the notebook sample it as the quick start did."""
+    path = os.path.join(train_dir, CHECKPOINT_NAME)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("sampling") != settings:
+        ckpt["sampling"] = settings
+        save_checkpoint(ckpt, path)  # atomic: the old file stays whole until the new one is
+
+
+# ---------------------------------------------------------------------- hints
+def command(*words):
+    """One shell command line, each word quoted where needed, single spaces."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def given_options(args, drop=()):
+    """The options the user gave (those differing from the defaults), as command-line words:
+    a hint that reruns the quick start keeps --model, --out and the rest."""
+    parser = get_args_parser()
+    words = []
+    for key, value in vars(args).items():
+        if key in drop or value == parser.get_default(key):
+            continue
+        words += [f"--{key}"] if value is True else [f"--{key}", value]
+    return words
+
+
+def next_steps(args, out, data, train_dir):
+    """The 'Next steps' hint lines: each command in one line, with the user's own paths."""
+    def shown(path):  # as the user would type it: relative to the current folder when inside it
+        rel = os.path.relpath(path)
+        return path if rel.startswith("..") else rel
+
+    ckpt, val_image = shown(train_dir), shown(os.path.join(data, "val", toy_data.CLASSES[0][0], "00000.png"))
+    sample_py, quickstart_py, main_py, notebook = (shown(os.path.join(REPO, name)) for name in (
+        "demo/sample.py", "demo/quickstart.py", "main_fractalgen.py", "demo/run_fractalgen.ipynb"))
+    labels = list(range(args.num_classes))
+    return [
+        "# more samples, and the generation as a GIF",
+        command("python", sample_py, "--ckpt", ckpt, "--labels", *labels, "--num_per_label", 8,
+                "--output", shown(os.path.join(out, "more_samples.png")),
+                "--gif", shown(os.path.join(out, "more_generation.gif"))),
+        "# class-conditional editing of a val image (also --task inpaint, outpaint, uncrop)",
+        command("python", sample_py, "--ckpt", ckpt, "--task", "edit", "--input", val_image,
+                "--labels", min(1, args.num_classes - 1), "--output", shown(os.path.join(out, "edit.png"))),
+        "# the notebook, on this checkpoint",
+        f"FRACTALGEN_CKPT={shlex.quote(ckpt)} " + command("jupyter", "notebook", notebook),
+        "# longer training, sharper shapes (retrains the checkpoint above)",
+        command("python", quickstart_py, *given_options(args, drop=("epochs", "fresh")),
+                "--epochs", 2 * args.epochs, "--fresh"),
+        "# your own data: an ImageFolder with train/ and val/ (on GPUs: see the README)",
+        command("python", main_py, "--model", "fractalmar_in64", "--img_size", 64, "--data_path", "DATA",
+                "--output_dir", "OUT", "--batch_size", 64, "--epochs", 800, "--warmup_epochs", 40, "--blr", "5e-5"),
+    ]
+
+
+# ---------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserInputError as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+
+
+def run(args):
     torch.set_num_threads(args.threads)
     start = time.time()
     out = os.path.abspath(args.out)
     data, train_dir = os.path.join(out, "data"), os.path.join(out, "train")
     names = toy_data.class_names(args.num_classes) if 1 <= args.num_classes <= len(toy_data.CLASSES) else []
+    check_train_dir(train_dir, data, args.model, args.fresh)
 
     banner(f"1/4 toy dataset: {args.num_classes} classes ({', '.join(names)})")
     try:
         toy_data.make_dataset(data, args.num_classes, args.num_train_per_class, args.num_val_per_class,
                               IMG_SIZE, args.seed)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserInputError(str(e)) from None
     print(f"{data}/train: {args.num_classes} x {args.num_train_per_class} images, "
           f"{data}/val: {args.num_classes} x {args.num_val_per_class}")
 
     banner(f"2/4 training {args.model} for {args.epochs} epochs (main_fractalgen.py)")
     if args.fresh:
-        shutil.rmtree(train_dir, ignore_errors=True)
+        remove_training_outputs(train_dir)
     run_main(train_args(args, data, train_dir))
 
     banner("3/4 val bits/dim (main_fractalgen.py --evaluate_nll)")
@@ -151,32 +259,31 @@ def main(argv=None):
                     *(["--device", args.device] if args.device else [])])["nll"]
 
     banner("4/4 sampling")
+    settings = {**DEFAULT_SAMPLING[args.model],
+                **{k: v for k, v in dict(cfg=args.cfg, temperature=args.temperature).items() if v is not None}}
+    store_sampling(train_dir, settings)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _, _ = load_model(train_dir, device=device)
-    samples, gif = write_samples(model, args, out)
-    conditional = write_conditional(model, args, data, out)
+    model = load_model(train_dir, device=device)
+    print(f"sampling settings (stored in the checkpoint): {model.sampling_config()}")
+    samples, gif = write_samples(model, out, args.num_classes, args.samples_per_class, args.seed)
+    conditional = write_conditional(model, data, out, args.num_classes, args.seed)
     summary = {"val_bpd": nll["bpd"], "model": args.model, "epochs": args.epochs,
-               "seconds": round(time.time() - start, 1), "classes": names}
+               "seconds": round(time.time() - start, 1), "classes": names, "sampling": model.sampling_config()}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    print(f"""
-Done in {summary['seconds']:.0f}s. Val NLL: {nll['bpd']:.3f} bits/dim.
-  samples          {samples}   (row k = class k: {', '.join(names)})
-  generation GIF   {gif}
-  conditional      {conditional}
-                   (per row: original | centre hidden | 3 inpaintings | box hidden | 3 edits as the next class)
-  checkpoint       {os.path.join(train_dir, 'checkpoint-last.pth')}
-
-Next steps:
-  python demo/sample.py --ckpt {train_dir} --labels {' '.join(map(str, range(args.num_classes)))} --num_per_label 8 \
-      --temperature {args.temperature} --cfg {args.cfg} --gif gen.gif          # more samples, with a GIF
-  python demo/sample.py --ckpt {train_dir} --task edit --input {os.path.join(data, 'val', toy_data.CLASSES[0][0], '00000.png')} \
-      --labels {min(1, args.num_classes - 1)} --temperature {args.temperature} --cfg {args.cfg}    # (also inpaint, outpaint, uncrop)
-  python demo/quickstart.py --epochs {2 * args.epochs} --fresh      # longer training, sharper shapes
-  Your own data: an ImageFolder with train/ and val/, then e.g.
-  python main_fractalgen.py --model fractalmar_in64 --img_size 64 --data_path DATA --output_dir OUT \\
-      --batch_size 64 --epochs 800 --warmup_epochs 40 --blr 5e-5   (on GPUs: see the README)""")
+    lines = [
+        f"Done in {summary['seconds']:.0f}s. Val NLL: {nll['bpd']:.3f} bits/dim.",
+        f"  samples          {samples}   (row k = class k: {', '.join(names)})",
+        f"  generation GIF   {gif}",
+        f"  conditional      {conditional}",
+        "                   (per row: original | centre hidden | 3 inpaintings | box hidden | 3 edits as the next class)",
+        f"  checkpoint       {os.path.join(train_dir, CHECKPOINT_NAME)}",
+        "",
+        "Next steps:",
+        *("  " + line for line in next_steps(args, out, data, train_dir)),
+    ]
+    print("\n" + "\n".join(lines))
     return summary
 
 

@@ -1,18 +1,20 @@
 """Sample from a FractalGen checkpoint, or complete a partly known image.
 
-    # class-conditional samples with the official settings of that model
+    # class-conditional samples with the sampling settings of that checkpoint
     python demo/sample.py --ckpt pretrained_models/fractalmar_in64 --labels 207 360 387 974 \
-        --output samples.png --gif generation.gif
+        --output outputs/samples.png --gif outputs/generation.gif
     # conditional pixel prediction (paper, Figure 4) on an image of your own
     python demo/sample.py --ckpt pretrained_models/fractalmar_in64 --task inpaint --input dog.png --labels 207
     python demo/sample.py --ckpt quickstart_out/train --task edit --input square.png --labels 0
 
 --ckpt takes a checkpoint file, a folder holding checkpoint-last.pth (official or ours), or
-the name of an official model (add --download to fetch it). The architecture comes from
---model, else from the checkpoint's 'args', else from the folder name.
+the name of an official model (add --download to fetch it); models.load_model builds the
+model. Sampling options left unset take the settings stored with the checkpoint (the quick
+start stores its own), else the model's DEFAULT_SAMPLING. Every flag is checked before the
+checkpoint is read; a bad one stops with one line and nothing written.
 """
 import argparse
-import os
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,101 +24,69 @@ import torch
 if __package__ in (None, ""):  # run as `python demo/sample.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import DEFAULT_SAMPLING, MODELS, CheckpointMismatchError, create_model  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
-from util.download import (CHECKPOINT_NAME, PRETRAINED_URLS, DownloadError, checkpoint_path,  # noqa: E402
-                           download_pretrained)
+from models import MODELS, load_model  # noqa: E402
+from util.download import DownloadError  # noqa: E402
 from util.masks import TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
-from util.visualize import auto_scale, load_image, make_grid, save_gif, save_grid, show_known  # noqa: E402
-
-# 'args' entries of a training checkpoint that shape the architecture (the rest -- dropout,
-# learning rate, paths -- does not matter for sampling).
-ARCH_ARGS = ("class_num", "num_conds", "guiding_pixel")
-GENERIC_SAMPLING = dict(num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
+from util.progress import progress_bar  # noqa: E402
+from util.validation import check_device, check_sampling_args, parse_num_iter_list, positive_int  # noqa: E402
+from util.visualize import (auto_scale, image_format, load_image, make_grid, open_image, save_gif,  # noqa: E402
+                            save_grid, show_known)
 
 
-# ---------------------------------------------------------------------- loading
-def resolve_checkpoint(ckpt, download=False, root="pretrained_models"):
-    """File, folder or official model name -> path of the checkpoint file."""
-    if os.path.isdir(ckpt):
-        ckpt = os.path.join(ckpt, CHECKPOINT_NAME)
-    if os.path.isfile(ckpt):
-        return ckpt
-    if ckpt in PRETRAINED_URLS:
-        path = checkpoint_path(ckpt, root)
-        if os.path.isfile(path):
-            return path
-        if download:
-            try:
-                return download_pretrained(ckpt, root)
-            except DownloadError as e:
-                raise SystemExit(f"error: {e}") from None
-        raise SystemExit(f"{path} is not there yet; run `python util/download.py --model {ckpt}` "
-                         f"or add --download.")
-    raise SystemExit(f"checkpoint {ckpt!r} not found; pass a checkpoint file, a folder with "
-                     f"{CHECKPOINT_NAME}, or one of {', '.join(PRETRAINED_URLS)}.")
-
-
-def read_checkpoint(path):
-    """Load a checkpoint safely (weights_only, argparse.Namespace allowed: util.checkpoint).
-    Returns (state_dict, args as a dict; {} when the file holds none)."""
-    try:
-        ckpt = load_checkpoint(path)
-    except UserInputError as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
-    args = ckpt.get("args") or {}
-    return ckpt["model"], dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-
-
-def infer_model_name(path, args, model_name=None):
-    """--model, else the checkpoint's args.model, else the folder name
-    (pretrained_models/<name>/checkpoint-last.pth)."""
-    name = model_name or args.get("model") or Path(path).resolve().parent.name
-    if name not in MODELS:
-        raise SystemExit(f"cannot tell the architecture of {path} (got {name!r}); pass --model with one "
-                         f"of {', '.join(MODELS)}.")
-    return name
-
-
-def load_model(ckpt, model_name=None, device="cpu", download=False):
-    """Build the model a checkpoint was trained as and load its weights (strict).
-    Returns (model in eval mode on `device`, model name, checkpoint args dict)."""
-    path = resolve_checkpoint(ckpt, download=download)
-    state_dict, args = read_checkpoint(path)
-    name = infer_model_name(path, args, model_name)
-    kwargs = {k: args[k] for k in ARCH_ARGS if args.get(k) is not None}
-    if "class_num" not in kwargs and "class_emb.weight" in state_dict:
-        kwargs["class_num"] = state_dict["class_emb.weight"].shape[0]
-    model = create_model(name, **kwargs)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except CheckpointMismatchError as e:
-        raise SystemExit(f"{path} does not fit --model {name}: {e}") from None
-    return model.to(device).eval(), name, args
-
-
-def sampling_settings(model_name, **overrides):
-    """Official defaults of `model_name` (models.DEFAULT_SAMPLING), with every override
-    that is not None applied on top."""
-    settings = dict(DEFAULT_SAMPLING.get(model_name, GENERIC_SAMPLING))
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return settings
-
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
+# ---------------------------------------------------------------------- checks
 def sampling_precision(device, precision="auto"):
     """--precision: auto is bf16 autocast on CUDA (as in training), fp32 elsewhere."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise SystemExit(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32.")
+        raise UserInputError(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32")
     return precision
+
+
+def parse_labels(values):
+    """['1,2', '3'] -> [1, 2, 3]; UserInputError for anything but integers."""
+    try:
+        labels = [int(v) for item in values for v in str(item).split(",") if v.strip()]
+    except ValueError:
+        raise UserInputError(f"--labels {' '.join(map(str, values))!r} must be integer class ids, "
+                             f"e.g. --labels 207 360 (or 207,360)") from None
+    if not labels:
+        raise UserInputError("--labels is empty; give at least one class id, e.g. --labels 0")
+    return labels
+
+
+def check_flags(args):
+    """Every check that needs no model, before the checkpoint is read. Returns the parsed
+    (labels, num_iter_list, device)."""
+    labels = parse_labels(args.labels)
+    positive_int("--num_per_label", args.num_per_label)
+    if not (math.isfinite(args.mask_frac) and 0 < args.mask_frac < 1):
+        raise UserInputError(f"--mask_frac must be a fraction strictly between 0 and 1 (of the image side), "
+                             f"got {args.mask_frac}")
+    num_iter_list = parse_num_iter_list(args.num_iter_list)
+    check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
+    device = check_device(args.device)
+    if args.scale is not None:
+        positive_int("--scale", args.scale)
+    if args.task != "sample" and args.input is None:
+        raise UserInputError(f"--task {args.task} needs --input IMAGE (the picture to complete)")
+    image_format(args.output)
+    if args.gif is not None and image_format(args.gif) != "GIF":
+        raise UserInputError(f"--gif {args.gif} must end in .gif")
+    return labels, num_iter_list, device
+
+
+def check_against_model(model, labels, num_iter_list):
+    bad = sorted({label for label in labels if not 0 <= label < model.class_num})
+    if bad:
+        raise UserInputError(f"labels {bad} are outside [0, {model.class_num}) for this model; pass class ids "
+                             f"below {model.class_num}")
+    levels = model.num_fractal_levels - 1
+    if num_iter_list is not None and len(num_iter_list) != levels:
+        raise UserInputError(f"--num_iter_list {','.join(map(str, num_iter_list))} has {len(num_iter_list)} "
+                             f"entries but {model.model_name} has {levels} generator levels; give one per level, "
+                             f"e.g. {','.join(map(str, model.default_num_iter_list()))}")
 
 
 # ---------------------------------------------------------------------- sampling
@@ -147,14 +117,10 @@ def layout(images, shown_input, per_row):
     return torch.cat([lead, rows], dim=1).flatten(0, 1), per_row + 1
 
 
-def parse_ints(values):
-    """['1,2', '3'] -> [1, 2, 3]"""
-    return [int(v) for item in values for v in str(item).split(",") if v.strip()]
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
-                                            "or inpaint/outpaint/uncrop/edit an image).")
+                                            "or inpaint/outpaint/uncrop/edit an image).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file, folder with checkpoint-last.pth, or an official model name")
     p.add_argument("--model", default=None, choices=list(MODELS), help="architecture (default: from the checkpoint)")
     p.add_argument("--download", action="store_true", help="fetch an official checkpoint named by --ckpt if missing")
@@ -164,11 +130,13 @@ def get_args_parser():
     p.add_argument("--input", default=None, help="image for inpaint/outpaint/uncrop/edit (resized and centre-cropped)")
     p.add_argument("--mask_frac", type=float, default=0.5, help="size of the unknown box / known centre / uncropped side")
     p.add_argument("--uncrop_side", default="right", choices=["left", "right", "top", "bottom"])
-    # sampling options: unset ones take the model's official defaults (models.DEFAULT_SAMPLING)
+    # sampling options: unset ones take the checkpoint's stored settings, else the model's
+    # DEFAULT_SAMPLING (FractalGen.sampling_config)
     p.add_argument("--num_iter_list", default=None, help="iterations per generator level, e.g. 64,16")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"])
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="multiplies the logits (official convention): above 1 is sharper")
     p.add_argument("--filter_threshold", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -180,57 +148,74 @@ def get_args_parser():
     p.add_argument("--fast", action="store_true",
                    help="fast sampler: static-shape steps compiled with torch.compile (the first run compiles; "
                         "the same distribution, other random draws than the official sampler)")
-    p.add_argument("--output", default="samples.png", help="grid PNG to write")
-    p.add_argument("--gif", default=None, help="also write the generation process as an animated GIF")
+    p.add_argument("--output", default="outputs/samples.png", help="grid PNG to write (outputs/ is git-ignored)")
+    p.add_argument("--gif", default=None, help="also write the generation process as an animated GIF, e.g. "
+                                               "outputs/generation.gif")
     p.add_argument("--scale", type=int, default=None, help="enlarge the PNG/GIF this many times (default: auto)")
     return p
 
 
+class StepBar:
+    """The `progress` callback of generate(): a progress bar over the top-level steps (whole
+    lines when stderr is a file) and, with --gif, one frame per step."""
+
+    def __init__(self, frame=None):
+        self.frame, self.frames, self.bar = frame, [], None
+
+    def __call__(self, canvas, step, total):
+        if self.bar is None:
+            self.bar = progress_bar(total=total, desc="sampling", unit="step")
+        self.bar.update(step - self.bar.n)
+        if self.frame is not None:
+            self.frames.append(self.frame(canvas.cpu()))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = pick_device(args.device)
-    if args.task != "sample" and args.input is None:
-        raise SystemExit(f"--task {args.task} needs --input IMAGE (the picture to complete).")
+    try:
+        run(args)
+    except (UserInputError, DownloadError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+
+
+def run(args):
+    labels, num_iter_list, device = check_flags(args)
     precision = sampling_precision(device, args.precision)
-    model, name, _ = load_model(args.ckpt, args.model, device, download=args.download)
+    picture = open_image(args.input) if args.input else None
+    model = load_model(args.ckpt, args.model, device, download=args.download)
+    check_against_model(model, labels, num_iter_list)
     if args.compile:
         model.compile_blocks()
-    labels = [label for label in parse_ints(args.labels) for _ in range(args.num_per_label)]
-    bad = [label for label in labels if not 0 <= label < model.class_num]
-    if bad:
-        raise SystemExit(f"labels {sorted(set(bad))} are outside [0, {model.class_num}) for this model.")
-    num_iter = tuple(parse_ints([args.num_iter_list])) if args.num_iter_list else None
-    settings = sampling_settings(name, num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                 temperature=args.temperature, filter_threshold=args.filter_threshold)
-    try:
-        image = load_image(args.input, model.img_size) if args.input else None
-    except UserInputError as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
+    labels = [label for label in labels for _ in range(args.num_per_label)]
+    settings = model.sampling_config(num_iter_list=num_iter_list, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                                     temperature=args.temperature, filter_threshold=args.filter_threshold)
+    image = load_image(picture, model.img_size) if picture is not None else None
+    shown = None if image is None else show_known(image, make_mask(args.task, model.img_size, args.mask_frac,
+                                                                   args.uncrop_side))
     scale = args.scale or auto_scale(model.img_size, target=128)
+    steps = StepBar(frame=(lambda canvas: make_grid(*layout(canvas, shown, args.num_per_label))) if args.gif else None)
 
-    frames = []
-
-    def record(canvas, step, total):  # one GIF frame per top-level step
-        print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
-        if args.gif:
-            shown = None if image is None else show_known(image, make_mask(args.task, model.img_size,
-                                                                           args.mask_frac, args.uncrop_side))
-            tiles, nrow = layout(canvas.cpu(), shown, args.num_per_label)
-            frames.append(make_grid(tiles, nrow))
-
-    print(f"{name}: {args.task} for labels {parse_ints(args.labels)} on {device} with {settings}", file=sys.stderr)
+    print(f"{model.model_name}: {args.task} for labels {parse_labels(args.labels)} on {device} with {settings}",
+          file=sys.stderr)
     torch.manual_seed(args.seed)
     start = time.time()
-    with autocast(device, precision):
-        images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
-                                 progress=record, fast=args.fast, **settings)
-    print(f"\ngenerated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)
+    try:
+        with autocast(device, precision):
+            images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
+                                     progress=steps, fast=args.fast, **settings)
+    finally:
+        steps.close()
+    print(f"generated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)
     tiles, nrow = layout(images, shown, args.num_per_label)
     save_grid(tiles, args.output, nrow=nrow, scale=scale)
     print(f"wrote {args.output}")
     if args.gif:
-        frames.append(make_grid(tiles, nrow))
-        save_gif(frames, args.gif, scale=scale)
+        steps.frames.append(make_grid(tiles, nrow))
+        save_gif(steps.frames, args.gif, scale=scale)
         print(f"wrote {args.gif}")
 
 

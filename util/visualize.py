@@ -2,6 +2,7 @@
 
 Images are uint8 tensors (B, 3, H, W) as returned by `FractalGen.generate`.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -53,8 +54,8 @@ def save_grid(images, path, nrow=None, scale=None):
     images = torch.as_tensor(images)
     grid = make_grid(images, nrow)
     scale = scale or auto_scale(images.shape[-2], target=64)
-    _makedirs(path)
-    to_pil(grid, scale).save(path)
+    with _atomic(path) as tmp:
+        to_pil(grid, scale).save(tmp, format=image_format(path))
     return path
 
 
@@ -65,9 +66,11 @@ def save_gif(frames, path, duration_ms=80, final_hold_ms=1500, scale=1):
         raise ValueError("save_gif needs at least one frame")
     pils = [to_pil(f, scale) for f in frames]
     durations = [duration_ms] * (len(pils) - 1) + [final_hold_ms]
-    if isinstance(path, (str, os.PathLike)):
-        _makedirs(path)
-    pils[0].save(path, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
+    if not isinstance(path, (str, os.PathLike)):  # a file object
+        pils[0].save(path, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
+        return path
+    with _atomic(path) as tmp:
+        pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
     return path
 
 
@@ -83,9 +86,10 @@ def show_known(images, known_mask):
     return torch.where(known, images, board.to(images.device).expand_as(images))
 
 
-def load_image(path, size):
-    """Read an image file -> uint8 (1, 3, size, size): short side resized (bicubic) to
-    `size`, then centre-cropped."""
+def open_image(path):
+    """Read an image file fully -> PIL image; one-sentence UserInputError when it cannot be."""
+    if os.path.isdir(path):
+        raise UserInputError(f"input image {path!r} is a folder; pass an image file inside it")
     if not os.path.isfile(path):
         raise UserInputError(f"input image {path!r} does not exist; pass an existing image file")
     try:
@@ -93,6 +97,13 @@ def load_image(path, size):
         img.load()
     except (OSError, Image.DecompressionBombError) as e:
         raise UserInputError(f"cannot read input image {path!r} ({e}); pass a PNG or JPEG file") from None
+    return img
+
+
+def load_image(path, size):
+    """Read an image file (or take an opened PIL image) -> uint8 (1, 3, size, size): short
+    side resized (bicubic) to `size`, then centre-cropped."""
+    img = path if isinstance(path, Image.Image) else open_image(path)
     with img:
         img = img.convert("RGB")
         scale = size / min(img.size)
@@ -105,6 +116,27 @@ def load_image(path, size):
     return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
-def _makedirs(path):
+def image_format(path):
+    """PIL's format name for the file's extension ('.png' -> 'PNG'); UserInputError for one
+    PIL cannot write."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserInputError(f"cannot write images to {os.fspath(path)!r}: unknown file type {ext or '(none)'}; "
+                             f"end the name in .png (or .jpg, .gif)")
+    return fmt
+
+
+@contextlib.contextmanager
+def _atomic(path):
+    """Write through a temporary file in the same folder, renamed over `path` only when
+    complete: a crash never leaves half an image where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
