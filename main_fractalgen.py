@@ -118,8 +118,8 @@ def get_args_parser():
     add("--dist_on_itp", action="store_true")
     add("--dist_url", default="env://", help="rendezvous URL for init_process_group")
     for action in parser._actions:  # the formatter shows defaults only for options with a help text
-        if action.help is None:
-            action.help = " "
+        if action.help is None and not isinstance(action, argparse._StoreFalseAction):  # not the --no_* twins
+            action.help = "default: %(default)s"
     return parser
 
 
