@@ -50,6 +50,8 @@ def resolve_checkpoint(path_or_name, download=False, root="pretrained_models"):
     file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
     if os.path.isfile(file):
         return file
+    if path in MODELS and os.path.isfile(os.path.join(root, path, CHECKPOINT_NAME)):  # a name: root/<name>/
+        return os.path.join(root, path, CHECKPOINT_NAME)
     name, target = official_target(path, root)
     if name is None:
         raise UserInputError(f"checkpoint {path!r} not found; pass a checkpoint file, a folder holding "

@@ -8,13 +8,15 @@ import torch
 from PIL import Image
 
 from demo import quickstart, sample
+from models import create_model, load_model
+from models.loading import resolve_checkpoint
 from util import toy_data
+from util.misc import UserInputError
 
 TINY = "fractalar_tiny"  # the fastest tiny model on a CPU
 
 
 def write_checkpoint(path, name=TINY, class_num=4, with_args=True):
-    from models import create_model
     torch.manual_seed(0)
     model = create_model(name, class_num=class_num)
     state = {"model": model.state_dict()}
@@ -85,14 +87,14 @@ def test_sample_cli_conditional_tasks_keep_the_known_pixels(ckpt, picture, tmp_p
 
 def test_model_is_found_from_args_or_folder(tmp_path):
     bare = write_checkpoint(tmp_path / "bare.pth", with_args=False)
-    with pytest.raises(SystemExit, match="--model"):
-        sample.load_model(bare)
-    model, name, _ = sample.load_model(bare, TINY)
-    assert name == TINY and model.class_num == 4  # class_num read from the class embedding
+    with pytest.raises(UserInputError, match="--model"):
+        load_model(bare)
+    model = load_model(bare, TINY)
+    assert model.model_name == TINY and model.class_num == 4  # class_num read from the class embedding
     folder = tmp_path / "fractalar_tiny"
     folder.mkdir()
     write_checkpoint(folder / "checkpoint-last.pth", with_args=False)
-    assert sample.load_model(str(folder))[1] == TINY  # pretrained_models/<name>/ layout
+    assert load_model(str(folder)).model_name == TINY  # pretrained_models/<name>/ layout
 
 
 def test_sample_cli_errors_are_one_sentence(ckpt, picture, tmp_path):
@@ -101,12 +103,12 @@ def test_sample_cli_errors_are_one_sentence(ckpt, picture, tmp_path):
         sample.main(["--ckpt", ckpt, "--task", "inpaint", "--output", out])
     with pytest.raises(SystemExit, match=r"outside \[0, 4\)"):
         sample.main(["--ckpt", ckpt, "--labels", "7", "--output", out])
-    with pytest.raises(SystemExit, match="does not fit --model fractalmar_tiny"):
+    with pytest.raises(SystemExit, match="does not fit model fractalmar_tiny"):
         sample.main(["--ckpt", ckpt, "--model", "fractalmar_tiny", "--output", out])
     with pytest.raises(SystemExit, match="not found"):
         sample.main(["--ckpt", str(tmp_path / "nope.pth"), "--output", out])
-    with pytest.raises(SystemExit, match="util/download.py --model fractalmar_in64"):
-        sample.resolve_checkpoint("fractalmar_in64", root=str(tmp_path))
+    with pytest.raises(UserInputError, match="util/download.py --model fractalmar_in64"):
+        resolve_checkpoint("fractalmar_in64", root=str(tmp_path))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(SystemExit, match="broken.pth"):
@@ -122,10 +124,16 @@ def test_sample_cli_errors_are_one_sentence(ckpt, picture, tmp_path):
             sample.main(["--ckpt", ckpt, "--precision", "fp16", "--device", "cpu", "--output", out])
 
 
-def test_sampling_settings_follow_the_official_defaults():
+def test_sampling_config_follows_the_model_defaults():
     from models import DEFAULT_SAMPLING
-    s = sample.sampling_settings("fractalmar_in64", cfg=2.0, temperature=None)
+    with torch.device("meta"):
+        model = create_model("fractalmar_in64")
+    model.sampling_defaults = dict(DEFAULT_SAMPLING["fractalmar_in64"])
+    s = model.sampling_config(cfg=2.0, temperature=None)
     assert s == {**DEFAULT_SAMPLING["fractalmar_in64"], "cfg": 2.0}
+    model.sampling_defaults = None  # a bare model: the official API's defaults
+    assert model.sampling_config() == dict(num_iter_list=(64, 16), cfg=1.0, cfg_schedule="linear",
+                                           temperature=1.0, filter_threshold=1e-4)
 
 
 def test_quickstart_smoke(tmp_path, capsys):
@@ -147,6 +155,20 @@ def test_quickstart_smoke(tmp_path, capsys):
     quickstart.main(["--out", str(out), "--epochs", "1", "--num_classes", "2", "--num_train_per_class", "8",
                      "--num_val_per_class", "2", "--batch_size", "8", "--samples_per_class", "2", "--device", "cpu"])
     assert "nothing to train" in capsys.readouterr().out
+    # the settings it sampled with are stored in the checkpoint, for sample.py and the notebook
+    from models import DEFAULT_SAMPLING
+    from util.checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "train" / "checkpoint-last.pth"))["sampling"] == DEFAULT_SAMPLING[TINY]
+    # --fresh retrains, deleting only what the training wrote
+    (out / "train" / "notes.txt").write_text("mine")
+    quickstart.main(["--out", str(out), "--epochs", "1", "--num_classes", "2", "--num_train_per_class", "8",
+                     "--num_val_per_class", "2", "--batch_size", "8", "--samples_per_class", "2", "--device", "cpu",
+                     "--cfg", "1.5", "--fresh"])
+    printed = capsys.readouterr().out
+    assert "training epochs 0..0" in printed and (out / "train" / "notes.txt").read_text() == "mine"
+    assert load_checkpoint(str(out / "train" / "checkpoint-last.pth"))["sampling"]["cfg"] == 1.5
+    rerun = next(line for line in printed.splitlines() if "quickstart.py" in line and "--fresh" in line)
+    assert f"--out {out} " in rerun and " --cfg 1.5 " in rerun and rerun.endswith(" --epochs 2 --fresh")
 
 
 @pytest.mark.slow
@@ -157,10 +179,10 @@ def test_quickstart_default_run_learns_the_classes(tmp_path):
     out = tmp_path / "qs"
     summary = quickstart.main(["--out", str(out), "--device", "cpu"])
     assert summary["val_bpd"] < 0.1
-    model, _, _ = sample.load_model(str(out / "train"))
+    model = load_model(str(out / "train"))
     torch.manual_seed(0)
     labels = torch.arange(4).repeat_interleave(8)
-    images = model.generate(labels, cfg=2.0, temperature=2.0)  # the quickstart's sampling defaults
+    images = model.generate(labels)  # the settings the quick start stored in the checkpoint
     colours = torch.tensor([c for _, c, _ in toy_data.CLASSES[:4]], dtype=torch.float)  # (4, 3)
     hits = 0
     for image, label in zip(images, labels):

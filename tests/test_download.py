@@ -1,6 +1,8 @@
 """util/download.py against a loopback HTTP server with misbehaving endpoints."""
 import os
+import socket
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,6 +23,7 @@ class Handler(BaseHTTPRequestHandler):
     /norange_drop_once  ignores Range and hangs up half-way the first time
     /redirect    302 to /ok (as Dropbox does)
     /html        a 200 HTML page
+    /hangup      closes the connection without answering
     anything else: 404
     """
 
@@ -43,6 +46,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif path == "/hangup":
+            self.close_connection = True
         elif path in ("/ok", "/drop_once", "/always_drop"):
             drop = path == "/always_drop" or (path == "/drop_once" and count == 1)
             self.send_file(honour_range=True, drop=drop)
@@ -219,3 +224,31 @@ def test_dropbox_links_are_direct():
     assert urllib.parse.parse_qs(urllib.parse.urlsplit(dl.direct_link(share)).query) == \
         {"rlkey": ["x"], "st": ["y"], "dl": ["1"]}
     assert dl.direct_link("http://127.0.0.1:8000/file?dl=0") == "http://127.0.0.1:8000/file?dl=0"
+
+
+def test_failure_before_any_byte_leaves_no_folder_and_no_resume_hint(server, tmp_path):
+    dest = tmp_path / "pm" / "fractalmar_in64" / "checkpoint-last.pth"
+    with pytest.raises(dl.DownloadError) as e:
+        fetch(server, "/hangup", dest, retries=1)
+    assert "run the same command again" in str(e.value) and ".part" not in str(e.value)
+    assert len(server.requests) == 2  # a dropped connection is retried
+    assert not (tmp_path / "pm").exists()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+
+
+def test_offline_fails_at_once_in_one_line(offline, tmp_path, capsys):
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as e:  # five retries with backoff would take 30 s
+        dl.main(["--model", "fractalmar_in64", "--output_dir", str(tmp_path / "pm")])
+    assert time.monotonic() - start < 5
+    message = str(e.value)
+    assert message.startswith("error: cannot reach www.dropbox.com") and "network" in message
+    assert "\n" not in message and ".part" not in message and "resume" not in message
+    assert "retrying" not in capsys.readouterr().err
+    assert not (tmp_path / "pm").exists()
