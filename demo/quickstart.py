@@ -238,6 +238,10 @@ def run(args):
     data, train_dir = os.path.join(out, "data"), os.path.join(out, "train")
     names = toy_data.class_names(args.num_classes) if 1 <= args.num_classes <= len(toy_data.CLASSES) else []
     check_train_dir(train_dir, data, args.model, args.fresh)
+    if not os.path.exists(out):
+        os.makedirs(out)
+        with open(os.path.join(out, ".gitignore"), "w") as f:  # a new OUT never shows up in `git status`
+            f.write("# written by demo/quickstart.py: everything in this folder is generated\n*\n")
 
     banner(f"1/4 toy dataset: {args.num_classes} classes ({', '.join(names)})")
     try:

@@ -148,6 +148,7 @@ def test_quickstart_smoke(tmp_path, capsys):
         size, n, _ = pixels(out / name)
         assert min(size) > 16 and n >= frames
     assert (out / "train" / "checkpoint-last.pth").is_file()
+    assert (out / ".gitignore").read_text().splitlines()[-1] == "*"  # a new OUT stays out of git status
     assert json.loads((out / "summary.json").read_text())["classes"] == toy_data.class_names(2)
     printed = capsys.readouterr().out
     assert "bits/dim" in printed and str(out / "samples.png") in printed

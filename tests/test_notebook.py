@@ -62,6 +62,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, name, name_in_env):
     client.execute()  # raises CellExecutionError naming the failing cell
     assert len(outputs_of(nb, "image/png")) >= 2  # samples, conditional grid
     assert len(outputs_of(nb, "image/gif")) == 1  # the generation animation
+    stderr = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stderr"]
+    assert not stderr  # no warnings in a fresh notebook (e.g. tqdm's about missing ipywidgets)
     assert not os.path.exists(os.path.join(REPO, "pretrained_models", name))
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"{name}: " in text
