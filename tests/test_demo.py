@@ -45,12 +45,7 @@ def pixels(path):
         return im.size, getattr(im, "n_frames", 1), im.convert("RGB").tobytes()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per test
 
 
 def test_sample_cli_grid_gif_and_seed(ckpt, tmp_path):
