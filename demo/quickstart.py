@@ -53,21 +53,22 @@ def get_args_parser():
     p.add_argument("--out", default="quickstart_out", help="everything goes here: data/, train/, PNGs, GIF")
     p.add_argument("--model", default="fractalar_tiny", choices=QUICKSTART_MODELS)
     p.add_argument("--num_classes", type=int, default=4, help=f"shapes to learn (1..{len(toy_data.CLASSES)})")
-    p.add_argument("--num_train_per_class", type=int, default=400)
-    p.add_argument("--num_val_per_class", type=int, default=25)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--warmup_epochs", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--num_train_per_class", type=int, default=400, help="training images per class")
+    p.add_argument("--num_val_per_class", type=int, default=25, help="val images per class (bits/dim, editing)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--warmup_epochs", type=int, default=1, help="linear lr warm-up epochs")
+    p.add_argument("--batch_size", type=int, default=16, help="images per training step")
     p.add_argument("--blr", type=float, default=3e-2, help="base lr; lr = blr x batch_size / 256")
-    p.add_argument("--samples_per_class", type=int, default=8)
-    # unset: the model's DEFAULT_SAMPLING (temperature 2, cfg 2 for the tiny models: a briefly
-    # trained model spreads a little probability over wrong colours, which sharper logits and
-    # mild guidance remove; compare --temperature 1 --cfg 1)
-    p.add_argument("--temperature", type=float, default=None,
-                   help="multiplies the logits (official convention): above 1 is sharper; default: the model's")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; default: the model's")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples_per_class", type=int, default=8, help="samples per row of samples.png")
+    # the tiny models' DEFAULT_SAMPLING (both have temperature 2, cfg 2: a briefly trained model
+    # spreads a little probability over wrong colours, which sharper logits and mild guidance
+    # remove; compare --temperature 1 --cfg 1)
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["fractalar_tiny"]["temperature"],
+                   help="multiplies the logits (official convention): above 1 is sharper")
+    p.add_argument("--cfg", type=float, default=DEFAULT_SAMPLING["fractalar_tiny"]["cfg"],
+                   help="classifier-free guidance scale")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu, unless given")
+    p.add_argument("--seed", type=int, default=0, help="seeds data, training and sampling")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch. The tiny model's ops are small: 2 threads were only "
                         "~1.25x faster than 1 on an idle 2-core machine, and ~10x slower on a busy one")
@@ -263,8 +264,7 @@ def run(args):
                     *(["--device", args.device] if args.device else [])])["nll"]
 
     banner("4/4 sampling")
-    settings = {**DEFAULT_SAMPLING[args.model],
-                **{k: v for k, v in dict(cfg=args.cfg, temperature=args.temperature).items() if v is not None}}
+    settings = {**DEFAULT_SAMPLING[args.model], "cfg": args.cfg, "temperature": args.temperature}
     store_sampling(train_dir, settings)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(train_dir, device=device)

@@ -119,8 +119,7 @@ def layout(images, shown_input, per_row):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
-                                            "or inpaint/outpaint/uncrop/edit an image).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "or inpaint/outpaint/uncrop/edit an image).")
     p.add_argument("--ckpt", required=True, help="checkpoint file, folder with checkpoint-last.pth, or an official model name")
     p.add_argument("--model", default=None, choices=list(MODELS), help="architecture (default: from the checkpoint)")
     p.add_argument("--download", action="store_true", help="fetch an official checkpoint named by --ckpt if missing")
