@@ -10,7 +10,6 @@ import datetime
 import math
 import os
 import random
-import sys
 import time
 from collections import defaultdict, deque
 
@@ -295,11 +294,9 @@ class MetricLogger:
 def progress(iterable, desc, total=None, unit="it"):
     """A tqdm progress bar over `iterable` on rank 0, silent on the other ranks. It goes to
     stderr, so stdout logs stay clean; when stderr is not a terminal (a log file) it
-    refreshes at most once a minute, so the file stays short."""
-    from tqdm import tqdm
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=not is_main_process(),
-                mininterval=0.5 if interactive else 60, dynamic_ncols=interactive, ncols=None if interactive else 100)
+    writes a whole line at most once a minute (util.progress), so the file stays short."""
+    from util.progress import progress_bar
+    return progress_bar(iterable, desc=desc, total=total, unit=unit, log_interval=60, disable=not is_main_process())
 
 
 def format_seconds(seconds):
