@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, weights_only loads, official weights-only files, exact resume."""
 import argparse
 import datetime
+import errno
 import os
 
 import pytest
@@ -11,24 +12,83 @@ from util import checkpoint as ckpt_util
 from util.misc import UserInputError
 
 
-def test_save_is_atomic_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_mid_write_keeps_the_previous_checkpoints_and_says_so(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-last.pth")
-    ckpt_util.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 0}, path)
+    ckpt_util.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 0}, path, keep_previous=True)
+    ckpt_util.save_checkpoint({"model": {"w": torch.full((3,), 2.0)}, "epoch": 1}, path, keep_previous=True)
     real_save = torch.save
 
-    def crash_mid_write(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:  # leave a half-written file behind, as a crash would
-            fh.truncate(100)
-        raise OSError("No space left on device")
+    def disk_full_mid_write(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="No space left"):
-        ckpt_util.save_checkpoint({"model": {"w": torch.full((3,), 2.0)}, "epoch": 1}, path)
+    monkeypatch.setattr(torch, "save", disk_full_mid_write)
+    with pytest.raises(UserInputError, match=r"cannot write .*checkpoint-last\.pth: no space left on the device; "
+                                             r"free space there or pass --output_dir on another disk"):
+        ckpt_util.save_checkpoint({"model": {"w": torch.full((3,), 3.0)}, "epoch": 2}, path, keep_previous=True)
     monkeypatch.setattr(torch, "save", real_save)
-    ckpt = ckpt_util.load_checkpoint(path)
-    assert ckpt["epoch"] == 0 and torch.equal(ckpt["model"]["w"], torch.ones(3))
-    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # no temp file left over
+    assert ckpt_util.load_checkpoint(path)["epoch"] == 1
+    assert ckpt_util.load_checkpoint(str(tmp_path / "checkpoint-prev.pth"))["epoch"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "checkpoint-prev.pth"]  # no temp file
+
+
+def test_a_real_full_device_gives_the_same_sentence(tmp_path):
+    """The temp file is made a link to /dev/full, which fails every write with ENOSPC as a
+    full disk does (no monkeypatching); removing the temp file removes only the link."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    path = str(tmp_path / "checkpoint-last.pth")
+    ckpt_util.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 0}, path)
+    os.symlink("/dev/full", path + ".tmp")
+    with pytest.raises(UserInputError, match=r"cannot write .*checkpoint-last\.pth: no space left on the device"):
+        ckpt_util.save_checkpoint({"model": {"w": torch.zeros(100)}, "epoch": 1}, path, keep_previous=True)
+    assert os.path.exists("/dev/full")
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    assert ckpt_util.load_checkpoint(path)["epoch"] == 0
+
+
+def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    path = str(tmp_path / "checkpoint-last.pth")
+    for epoch in (0, 1):
+        ckpt_util.save_checkpoint({"model": {"w": torch.full((3,), float(epoch))}, "epoch": epoch}, path,
+                                  keep_previous=True)
+    with open(path, "r+b") as f:  # damaged after the fact (bad sector, partial copy)
+        f.truncate(50)
+    with pytest.raises(UserInputError, match=r"cannot read checkpoint .*; the previous checkpoint "
+                                             r".*checkpoint-prev\.pth is there: pass --resume .*prev\.pth"):
+        ckpt_util.load_latest_checkpoint(path, use_previous=False)
+    ckpt, used = ckpt_util.load_latest_checkpoint(path, use_previous=True)
+    assert ckpt["epoch"] == 0 and used.endswith("checkpoint-prev.pth")
+    assert "resuming from the previous checkpoint" in capsys.readouterr().out
+    os.remove(path)  # killed between the two renames of a save: only the previous one exists
+    assert ckpt_util.load_latest_checkpoint(path, use_previous=True)[0]["epoch"] == 0
+
+
+def test_stale_temp_files_are_reused_or_removed(tmp_path):
+    path = str(tmp_path / "checkpoint-last.pth")
+    for name in ("checkpoint-last.pth.tmp", "checkpoint-last.pth.tmp-12345", "keep.txt"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    assert sorted(ckpt_util.remove_stale_temp_files(str(tmp_path))) == ["checkpoint-last.pth.tmp",
+                                                                         "checkpoint-last.pth.tmp-12345"]
+    (tmp_path / "checkpoint-last.pth.tmp").write_bytes(b"x" * 10)  # a save reuses the temp name
+    ckpt_util.save_checkpoint({"model": {}}, path)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "keep.txt"]
+
+
+def test_background_writer_writes_a_copy_and_reports_errors_later(tmp_path, monkeypatch):
+    writer = ckpt_util.CheckpointWriter(background=True)
+    weights = torch.ones(1000)
+    path = str(tmp_path / "checkpoint-last.pth")
+    writer.save({"model": {"w": weights}, "epoch": 0}, path)
+    weights.add_(1)  # training goes on changing the live tensors while the file is written
+    writer.wait()
+    assert torch.equal(ckpt_util.load_checkpoint(path)["model"]["w"], torch.ones(1000))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))
+    writer.save({"model": {"w": weights}, "epoch": 1}, path)
+    with pytest.raises(UserInputError, match=r"cannot write .*checkpoint-last\.pth: permission denied"):
+        writer.wait()
+    monkeypatch.undo()
+    assert ckpt_util.load_checkpoint(path)["epoch"] == 0
 
 
 class Payload:

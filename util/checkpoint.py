@@ -1,22 +1,33 @@
-"""Checkpoints: atomic writes and safe loads.
+"""Checkpoints: atomic writes, one writer at a time, safe loads.
 
 A checkpoint is the official dict {'model', 'optimizer', 'epoch', 'scaler', 'args'} with
-`args` an argparse.Namespace, so official files and ours are interchangeable. Writing goes
-to a temporary file in the same folder that is renamed over the old checkpoint only once
-complete: a crash mid-write leaves the previous checkpoint intact. Loading uses
-`torch.load(weights_only=True)`, which refuses arbitrary pickled code; argparse.Namespace is
-the only class allowed besides tensors and plain containers.
+`args` an argparse.Namespace, so official files and ours are interchangeable (ours may add
+plain-typed keys such as 'train_state', which the official code ignores).
+
+Writing goes to `<name>.tmp` in the same folder, is fsynced, and only then renamed over the
+old checkpoint, which first becomes `checkpoint-prev.pth`: a crash mid-write leaves the
+previous checkpoint intact, a checkpoint damaged later is not the only copy, and the temp
+name is the same for every save, so a later save overwrites what a killed one left behind
+(`remove_stale_temp_files` clears it at start). Loading uses `torch.load(weights_only=True)`,
+which refuses arbitrary pickled code; argparse.Namespace is the only class allowed besides
+tensors and plain containers.
 """
 import argparse
+import glob
 import os
 import pickle
 import re
+import threading
 
 import torch
 
-from util.misc import UserInputError
+import util.misc as misc
+from util import preempt
+from util.misc import UserInputError, writing
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
+PREVIOUS_NAME = "checkpoint-prev.pth"
+TEMP_SUFFIX = ".tmp"
 SAFE_GLOBALS = [argparse.Namespace]
 
 
@@ -27,20 +38,91 @@ def checkpoint_path(folder_or_file):
     return os.path.join(folder_or_file, CHECKPOINT_NAME)
 
 
-def save_checkpoint(state, path):
-    """torch.save to `path` atomically: temp file in the same folder, fsync, rename."""
+def save_checkpoint(state, path, keep_previous=False):
+    """torch.save to `path` atomically: temp file in the same folder, fsync, rename.
+    keep_previous: the file being replaced becomes checkpoint-prev.pth in that folder.
+    An OSError (disk full, no permission) raises OutputWriteError naming `path`; the old
+    checkpoint stays and the temp file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows when on the same filesystem
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_folder(folder)
+    tmp = path + TEMP_SUFFIX
+    with writing(path), preempt.shielded():
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # through a Python file object: a failed write raises OSError with its errno
+            # (given a path, torch.save reports a full disk as 'unexpected pos')
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_previous and os.path.isfile(path):
+                # between these two renames only prev exists; resume falls back to it
+                os.replace(path, os.path.join(folder, PREVIOUS_NAME))
+            os.replace(tmp, path)  # atomic on POSIX and Windows when on the same filesystem
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _fsync_folder(folder)
+
+
+def remove_stale_temp_files(folder):
+    """Delete temp files that killed saves left in `folder` (ours, `*.pth.tmp`, and the
+    `*.pth.tmp-<pid>` of earlier versions); returns their names."""
+    stale = glob.glob(os.path.join(glob.escape(folder), "*.pth" + TEMP_SUFFIX + "*"))
+    for path in stale:
+        with writing(path):
+            os.remove(path)
+    return [os.path.basename(p) for p in stale]
+
+
+def cpu_copy(obj):
+    """A copy of a (nested) state whose tensors are detached CPU copies, so training can
+    go on changing the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time, optionally from a background thread.
+
+    `save(state, path)` first waits for the previous write, then either writes at once or
+    takes a CPU copy of `state` (the only stall training sees) and writes it from a thread.
+    A failed background write is raised by the next `save` or `wait`. The thread is not a
+    daemon: an interpreter that exits (also after Ctrl-C) finishes the write first."""
+
+    def __init__(self, background=False):
+        self.background = background
+        self.thread = None
+        self.error = None
+
+    def save(self, state, path, keep_previous=True):
+        self.wait()
+        if not self.background:
+            save_checkpoint(state, path, keep_previous)
+            return
+        snapshot = cpu_copy(state)
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path, keep_previous),
+                                       name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, state, path, keep_previous):
+        try:
+            save_checkpoint(state, path, keep_previous)
+        except BaseException as e:  # handed to the main thread by wait()
+            self.error = e
+
+    def wait(self):
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def _fsync_folder(folder):
@@ -90,6 +172,31 @@ def load_checkpoint(path):
         raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "
                              f"entry holding the state_dict")
     return ckpt
+
+
+def previous_path(path):
+    """checkpoint-prev.pth beside `path`, when `path` is a checkpoint-last.pth and it exists."""
+    if os.path.basename(path) != CHECKPOINT_NAME:
+        return None
+    prev = os.path.join(os.path.dirname(path), PREVIOUS_NAME)
+    return prev if os.path.isfile(prev) else None
+
+
+def load_latest_checkpoint(path, use_previous):
+    """(checkpoint, path it came from) for `path`, a checkpoint-last.pth. When that file is
+    missing or unreadable and a checkpoint-prev.pth lies beside it, `use_previous` loads
+    that instead, saying so; otherwise the error names the previous file as the way out."""
+    try:
+        return load_checkpoint(path), path
+    except UserInputError as e:
+        prev = previous_path(path)
+        if prev is None:
+            raise
+        if not use_previous:
+            raise UserInputError(f"{misc.one_line(e).rstrip('.')}; the previous checkpoint {prev} is there: "
+                                 f"pass --resume {prev} to use it") from None
+        misc.print0(f"warning: {misc.one_line(e)}; resuming from the previous checkpoint {prev} instead")
+        return load_checkpoint(prev), prev
 
 
 def checkpoint_class_num(ckpt):

@@ -7,6 +7,7 @@ CUDA devices talk over NCCL, CPU processes over gloo.
 """
 import contextlib
 import datetime
+import errno
 import math
 import os
 import random
@@ -17,15 +18,53 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Ranks wait for rank 0 while it computes FID on tens of thousands of images; the default
-# collective timeout (10 min for NCCL) is too short for that.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+# Default of --dist_timeout (minutes): how long a rank waits in a collective for the others
+# before the job ends. The longest legitimate one-sided wait is a few minutes (rank 0 alone
+# writing a checkpoint or computing FID statistics); a stalled node should not hold the
+# whole job for hours.
+DIST_TIMEOUT_MINUTES = 10
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UserInputError(ValueError):
     """Bad input from the user (flags, data, checkpoint): the message is one sentence naming
     the problem and the fix, shown without a traceback."""
+
+
+class OutputWriteError(UserInputError):
+    """A file could not be written (disk full, no permission, read-only file system)."""
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than --dist_timeout: another rank stalled or died."""
+
+
+# (reason, fix) for the errors a user can do something about
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or pass {flag} on another disk"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free space there or pass {flag} on another disk"),
+    errno.EACCES: ("permission denied", "make it writable or pass another {flag}"),
+    errno.EPERM: ("operation not permitted", "make it writable or pass another {flag}"),
+    errno.EROFS: ("the file system is read-only", "pass {flag} on a writable disk"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "pass another {flag}"),
+    errno.EEXIST: ("a file is in the way of a folder", "pass another {flag}"),
+}
+
+
+def write_error_message(path, exc, flag="--output_dir"):
+    """One sentence for an OSError raised while writing `path`."""
+    reason, fix = _WRITE_ERRORS.get(exc.errno, (exc.strerror or type(exc).__name__,
+                                                "check the disk and pass another {flag} if needed"))
+    return f"cannot write {path}: {reason}; {fix.format(flag=flag)}"
+
+
+@contextlib.contextmanager
+def writing(path, flag="--output_dir"):
+    """Turn an OSError raised inside the block into an OutputWriteError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputWriteError(write_error_message(path, e, flag)) from None
 
 
 def one_line(exc):
@@ -121,8 +160,9 @@ def init_distributed_mode(args):
     if not args.distributed:
         return device
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", DIST_TIMEOUT_MINUTES))
     dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank,
-                            timeout=COLLECTIVE_TIMEOUT,
+                            timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     print0(f"distributed: {world_size} processes, backend {backend}, init {url}")
     dist.barrier()
