@@ -11,6 +11,7 @@ the k-th folder name.
 import functools
 import os
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
@@ -34,13 +35,57 @@ def load_rgb(path):
                                    f"remove or replace the file") from None
 
 
-def build_transform(img_size, train):
-    """ADM centre crop to img_size, random horizontal flip (train only), ImageNet normalisation."""
-    steps = [functools.partial(center_crop_arr, image_size=img_size)]  # partial pickles for workers
-    if train:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
+def build_transform(img_size):
+    """ADM centre crop to img_size, ImageNet normalisation. The training flip is not here
+    but in `KeyedFlips`: a transform's randomness would depend on the worker's RNG."""
+    steps = [functools.partial(center_crop_arr, image_size=img_size),  # partial pickles for workers
+             transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
     return transforms.Compose(steps)
+
+
+def flips(seed, epoch, index):
+    """Whether sample `index` is mirrored in `epoch`: a fair coin drawn from (seed, epoch,
+    index) alone, so it is the same whichever worker loads the sample, and when."""
+    return bool(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] & 1)
+
+
+class KeyedFlips(torch.utils.data.Dataset):
+    """A training ImageFolder (built without random flips) indexed by (epoch, index) keys,
+    which `ResumableSampler` yields; mirrors each image as `flips(seed, epoch, index)` says.
+    Flipping the normalised tensor equals flipping the image first (both act per pixel)."""
+
+    def __init__(self, images, seed):
+        self.images, self.seed = images, seed
+        self.root, self.classes = images.root, images.classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.images[index]
+        if flips(self.seed, epoch, index):
+            image = image.flip(-1)  # (3, H, W): mirror the columns
+        return image, label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (same order: a seeded shuffle per epoch, one shard per rank) that
+    yields (epoch, index) keys for `KeyedFlips` and can start an epoch part-way:
+    `set_epoch(epoch, skip)` drops the shard's first `skip` samples, without loading them.
+    With the flips keyed the same way, the rest of the epoch is exactly what an
+    uninterrupted run sees: the position in the epoch is all a checkpoint needs to hold."""
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())[getattr(self, "skip", 0):]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return self.num_samples - getattr(self, "skip", 0)
 
 
 def split_dir(data_path, split):
@@ -58,14 +103,15 @@ def split_dir(data_path, split):
     return folder
 
 
-def build_dataset(data_path, split, img_size, train):
-    """ImageFolder over DATA_PATH/split with the training or evaluation transform."""
+def build_dataset(data_path, split, img_size, train, seed=0):
+    """ImageFolder over DATA_PATH/split with the evaluation transform; for training wrapped
+    in KeyedFlips (random flips drawn from `seed`, read with ResumableSampler's keys)."""
     folder = split_dir(data_path, split)
     try:
-        dataset = datasets.ImageFolder(folder, transform=build_transform(img_size, train), loader=load_rgb)
+        dataset = datasets.ImageFolder(folder, transform=build_transform(img_size), loader=load_rgb)
     except FileNotFoundError as e:  # ImageFolder: a class folder without any image
         raise UserInputError(f"{folder}: {str(e).rstrip('.')}; every class folder needs at least one image") from None
-    return dataset
+    return KeyedFlips(dataset, seed) if train else dataset
 
 
 class ShardSampler(torch.utils.data.Sampler):
