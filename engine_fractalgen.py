@@ -10,9 +10,10 @@ from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util import fid
+from util import fid, preempt
 
 PRINT_FREQ = 20
+TRAIN_STREAM = 3  # last seed key of training steps (generation uses 1, NLL 2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,32 +25,68 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writer=None):
-    """One pass over `data_loader` (a DistributedSampler shard per rank).
+# TensorBoard tags written once per training step, on the step_axis; every other tag is
+# written per epoch with the epoch as its step (a resume rewinds the two axes apart)
+STEP_TAGS = ("train_loss", "lr")
+
+
+class TrainingStopped(Exception):
+    """A stop was requested (a signal on some rank); training ended after `step` steps of
+    `epoch`, every rank at the same point, and that point is checkpointed."""
+
+    def __init__(self, epoch, step, steps, signal_name):
+        super().__init__(f"stopped at epoch {epoch}, step {step} of {steps}")
+        self.epoch, self.step, self.steps, self.signal_name = epoch, step, steps, signal_name
+
+
+def step_axis(epoch, step, steps):
+    """TensorBoard x of a step: thousandths of an epoch, so curves of runs with different
+    batch sizes line up."""
+    return int((epoch + step / steps) * 1000)
+
+
+def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writer=None, start_step=0,
+                    checkpoints=None):
+    """One pass over `data_loader` (a ResumableSampler shard per rank), from `start_step`
+    (its sampler already skips the steps before).
 
     model: the (possibly DDP-wrapped) FractalGen in training mode; the loss is its forward
     (nats per sub-pixel, red channel weighted by r_weight). The learning rate follows the
     per-iteration schedule; gradients are unscaled (fp16), clipped to args.grad_clip, then
-    applied. Returns the epoch's averaged stats {'loss', 'lr'} over all ranks."""
+    applied. Every step reseeds torch / numpy / random from (seed, epoch, step, rank), so
+    dropout, masks and label drops depend on the step alone and a resumed run replays them.
+
+    checkpoints (optional) decides about step-level checkpoints and stops: its `flags()`
+    (stop requested here, time-based save due here) ride on the step's loss all-reduce, and
+    `save(epoch, step, steps, meters)` writes the state after `step` steps. A stop raises
+    TrainingStopped once that checkpoint is written. Returns the epoch's averaged stats
+    {'loss', 'lr'} over all ranks (including steps run before a resume)."""
     device = torch.device(args.device)
+    rank, world_size = misc.get_rank(), misc.get_world_size()
     model.train(True)
     logger = misc.MetricLogger()
     logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.2e}"))
+    if checkpoints is not None:
+        checkpoints.restore_meters(logger)
     header = f"Epoch: [{epoch}]"
-    steps = len(data_loader)
+    steps = start_step + len(data_loader)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
 
-    for step, (imgs, labels) in enumerate(logger.log_every(data_loader, PRINT_FREQ, header)):
+    for step, (imgs, labels) in enumerate(logger.log_every(data_loader, PRINT_FREQ, header), start=start_step):
+        misc.seed_everything(args.seed, epoch, step, rank, TRAIN_STREAM)
         lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps, args)
         imgs = imgs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
 
         with misc.autocast(device, args.precision):
             loss = model(imgs, labels)
-        # One all-reduce per step: the logged loss is the global mean, and a NaN on any rank
-        # stops every rank at the same step (a lone rank leaving would hang the others).
-        loss_mean = misc.all_reduce_mean(loss.item(), device)
+        # One all-reduce per step: the logged loss is the global mean, a NaN on any rank
+        # stops every rank at the same step (a lone rank leaving would hang the others),
+        # and so does a stop request or a due checkpoint on any rank.
+        flags = checkpoints.flags() if checkpoints is not None else [0, 0]
+        loss_sum, stops, saves_due = misc.all_reduce_sum([loss.item(), *flags], device)
+        loss_mean = loss_sum / world_size
         if not math.isfinite(loss_mean):
             raise NonFiniteLossError(
                 f"training loss is {loss_mean} at epoch {epoch}, step {step}; stopping without applying this "
@@ -66,10 +103,13 @@ def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writ
 
         logger.update(loss=loss_mean, lr=lr)
         if log_writer is not None:
-            # x-axis in thousandths of an epoch: curves of runs with different batch sizes line up
-            epoch_1000x = int((epoch + step / steps) * 1000)
-            log_writer.add_scalar("train_loss", loss_mean, epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
+            x = step_axis(epoch, step, steps)
+            log_writer.add_scalar("train_loss", loss_mean, x)
+            log_writer.add_scalar("lr", lr, x)
+        if checkpoints is not None and (stops or saves_due or checkpoints.step_due(epoch, step + 1, steps)):
+            checkpoints.save(epoch, step + 1, steps, logger.meters)
+        if stops:
+            raise TrainingStopped(epoch, step + 1, steps, preempt.requested())
 
     misc.print0(f"{header} averaged stats: {logger}")
     return {name: meter.global_avg for name, meter in logger.meters.items()}
@@ -133,8 +173,15 @@ def generation_folder(args, online):
 
 
 def save_png(image, path):
-    """uint8 (3, H, W) tensor -> PNG (lossless, so FID sees exactly the generated pixels)."""
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    """uint8 (3, H, W) tensor -> PNG (lossless, so FID sees exactly the generated pixels).
+    A failed write (disk full, no permission) names the file and removes what was written."""
+    try:
+        with misc.writing(path):
+            Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    except misc.OutputWriteError:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
 
 
 def prepare_folder(folder):

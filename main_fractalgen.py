@@ -11,19 +11,20 @@ Other code can call `main(get_args_parser().parse_args([...]))` in-process.
 """
 import argparse
 import datetime
-import json
 import os
+import sys
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import util.misc as misc
-from engine_fractalgen import NonFiniteLossError, evaluate_gen, evaluate_nll, train_one_epoch
+from engine_fractalgen import (STEP_TAGS, NonFiniteLossError, TrainingStopped, evaluate_gen, evaluate_nll,
+                               step_axis, train_one_epoch)
 from models import MODELS, CheckpointMismatchError, create_model
 from util import checkpoint as ckpt_util
 from util import data as data_util
-from util import fid, validation
+from util import fid, logs, preempt, validation
 from util.misc import UserInputError, print0
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,6 +93,20 @@ def get_args_parser():
     add("--num_images", default=50000, type=int, help="images to generate (a multiple of class_num)")
     add("--eval_freq", default=40, type=int, help="online FID every N epochs")
     add("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
+    # long runs: step-level checkpoints, preemption, stalls (README: "Long runs")
+    add("--save_every_steps", default=0, type=int,
+        help="also checkpoint every N training steps (counted from the start of training; 0: off)")
+    add("--save_every_min", default=0.0, type=float,
+        help="also checkpoint when M minutes of wall clock have passed since the last checkpoint (0: off)")
+    add("--save_thread", default=None, action="store_true",
+        help="write checkpoints from a background thread: training stalls only for a CPU copy of the state "
+             "(default on CUDA; README: Long runs)")
+    add("--no_save_thread", dest="save_thread", action="store_false", help="write checkpoints in the training loop")
+    add("--requeue_exit_code", default=0, type=int,
+        help="exit code after a stop by SIGTERM / SIGUSR1 / SIGINT (the state is checkpointed); e.g. set 3 "
+             "and requeue the SLURM job when srun returns 3")
+    add("--dist_timeout", default=misc.DIST_TIMEOUT_MINUTES, type=float,
+        help="minutes a process waits for the others in a collective before the job stops with an error")
     add("--online_eval", action="store_true", help="FID / IS during training")
     add("--evaluate_gen", action="store_true", help="generate, then FID / IS; no training")
     add("--evaluate_nll", action="store_true", help="bits/dim of the val set; no training")
@@ -144,6 +159,17 @@ def check_args(args):
         validation.finite_nonnegative(f"--{name}", getattr(args, name))
 
 
+def check_long_run_args(args):
+    """The step-checkpoint, exit-code and timeout flags (checked before the process group
+    starts, since --dist_timeout configures it)."""
+    validation.positive_int("--save_every_steps", args.save_every_steps, minimum=0)
+    validation.finite_nonnegative("--save_every_min", args.save_every_min)
+    validation.finite_positive("--dist_timeout", args.dist_timeout)
+    if not 0 <= args.requeue_exit_code <= 255:
+        raise UserInputError(f"--requeue_exit_code must be between 0 and 255 (a process exit status), "
+                             f"got {args.requeue_exit_code}")
+
+
 def model_kwargs(args):
     kwargs = dict(label_drop_prob=args.label_drop_prob, class_num=args.class_num or 1,
                   attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, r_weight=args.r_weight,
@@ -187,7 +213,7 @@ def find_resume_checkpoint(args, training):
                                  f"{ckpt_util.CHECKPOINT_NAME} (e.g. pretrained_models/{args.model})")
         return None
     path = ckpt_util.checkpoint_path(args.resume)
-    if os.path.isfile(path):
+    if os.path.isfile(path) or ckpt_util.previous_path(path):  # load_latest_checkpoint picks
         return path
     same_as_output = os.path.abspath(args.resume) == os.path.abspath(args.output_dir)
     if training and same_as_output:
@@ -284,28 +310,118 @@ def param_groups(model, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def restore_training_state(ckpt, path, optimizer, scaler, args):
-    """Optimizer, scaler and epoch from a full checkpoint; a weights-only checkpoint (e.g.
-    an official pretrained model) fine-tunes from args.start_epoch with a fresh optimizer."""
+def resume_position(ckpt, args):
+    """Where training continues: {'epoch', 'step', 'meters', 'log_entry', 'steps_per_epoch'}.
+    Our checkpoints say it in 'train_state' (mid-epoch ones too); an official file only
+    has 'epoch' (done), and a weights-only file none (start at --start_epoch)."""
+    position = {"epoch": args.start_epoch, "step": 0, "meters": None, "log_entry": None, "steps_per_epoch": None}
+    if ckpt is None or "epoch" not in ckpt:
+        return position
+    position.update(epoch=int(ckpt["epoch"]) + 1)
+    position.update(ckpt.get("train_state") or {})
+    return position
+
+
+def restore_training_state(ckpt, path, optimizer, scaler, args, steps_per_epoch):
+    """Optimizer, scaler and position from a full checkpoint; a weights-only checkpoint (e.g.
+    an official pretrained model) fine-tunes from args.start_epoch with a fresh optimizer.
+    Returns the resume_position; sets args.start_epoch."""
+    position = resume_position(ckpt, args)
+    if ckpt is None:
+        return position
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         print0(f"{path} holds weights only: fresh optimizer, starting at epoch {args.start_epoch}")
-        return
+        return position
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserInputError(f"the optimizer state in {path} does not fit this model's parameters ({e})") from None
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    args.start_epoch = int(ckpt["epoch"]) + 1
-    print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at epoch {args.start_epoch}")
+    args.start_epoch = position["epoch"]
+    if position["step"] and position["steps_per_epoch"] != steps_per_epoch:
+        # another batch size, process count or dataset: the rest of the epoch is not defined
+        print0(f"warning: {path} stopped after step {position['step']} of {position['steps_per_epoch']} in epoch "
+               f"{position['epoch']}, but an epoch now has {steps_per_epoch} steps (other --batch_size, process "
+               f"count or data); restarting epoch {position['epoch']} from its first step")
+        position.update(step=0, meters=None)
+    where = f"step {position['step']} of epoch {position['epoch']}" if position["step"] else f"epoch {args.start_epoch}"
+    print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {where}")
+    return position
 
 
-def save_training_checkpoint(model, optimizer, scaler, epoch, args):
-    path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "scaler": scaler.state_dict(), "args": argparse.Namespace(**vars(args))}
-    ckpt_util.save_checkpoint(state, path)
-    print0(f"saved {path} (epoch {epoch})")
+class Checkpoints:
+    """When and what the training loop checkpoints, besides the epoch ends (--save_last_freq):
+    every --save_every_steps steps, when --save_every_min minutes have passed (rank 0's
+    clock; its vote rides on the step's all-reduce, see train_one_epoch), and on a stop
+    request. Rank 0 writes checkpoint-last.pth (the one before becomes checkpoint-prev.pth),
+    one write at a time. A checkpoint is the official dict plus 'train_state': the position
+    (epoch, steps done), the epoch's meter sums and the batch layout."""
+
+    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None):
+        self.model, self.optimizer, self.scaler, self.args = model, optimizer, scaler, args
+        self.log_writer = log_writer
+        self.path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
+        background = args.save_thread if args.save_thread is not None else torch.device(args.device).type == "cuda"
+        self.writer = ckpt_util.CheckpointWriter(background=background)
+        self.last_save = time.monotonic()
+        self.resumed_meters = meters
+
+    def flags(self):
+        """[stop requested here, time-based save due] for the step's all-reduce."""
+        minutes = self.args.save_every_min
+        due = misc.is_main_process() and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+        return [int(preempt.requested() is not None), int(due)]
+
+    def step_due(self, epoch, step, steps):
+        every = self.args.save_every_steps
+        return every > 0 and (epoch * steps + step) % every == 0
+
+    def restore_meters(self, logger):
+        """Put the resumed epoch's loss / lr sums back, so its averages cover every step."""
+        for name, (total, count) in (self.resumed_meters or {}).items():
+            logger.meters[name].total, logger.meters[name].count = total, count
+        self.resumed_meters = None
+
+    def save(self, epoch, step, steps, meters):
+        """After `step` of `steps` steps of `epoch` (all ranks call; rank 0 writes)."""
+        sums = {name: [meter.total, meter.count] for name, meter in meters.items()}
+        self._write(epoch - 1, dict(epoch=epoch, step=step, steps_per_epoch=steps, meters=sums),
+                    f"epoch {epoch}, step {step}/{steps}")
+
+    def save_epoch(self, epoch, steps, log_entry):
+        """At the end of `epoch`; log_entry is its log.txt line, restored if the line is lost."""
+        self._write(epoch, dict(epoch=epoch + 1, step=0, steps_per_epoch=steps, log_entry=log_entry),
+                    f"epoch {epoch}")
+
+    def _write(self, epoch_done, train_state, where):
+        if misc.is_main_process():
+            if self.log_writer is not None:  # events up to this point must survive a kill after it
+                self.log_writer.flush()
+            train_state.update(world_size=misc.get_world_size(), batch_size=self.args.batch_size)
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "epoch": epoch_done, "scaler": self.scaler.state_dict(),
+                     "args": argparse.Namespace(**vars(self.args)), "train_state": train_state}
+            start = time.perf_counter()
+            self.writer.save(state, self.path)
+            print0(f"saved {self.path} ({where}; training paused {time.perf_counter() - start:.2f} s)")
+        self.last_save = time.monotonic()
+
+    def wait(self):
+        self.writer.wait()
+
+
+def rewind_logs(args, ckpt, steps_per_epoch):
+    """Before a resumed run writes: drop log.txt lines and TensorBoard events recorded after
+    the checkpoint's position (the dead run wrote them; this run writes them again)."""
+    position = resume_position(ckpt, args)
+    epoch, step = position["epoch"], position["step"]
+    logs.rewind_log(os.path.join(args.output_dir, "log.txt"), epoch - 1, position["log_entry"])
+    cut = step_axis(epoch, step, position["steps_per_epoch"] or steps_per_epoch)
+    dropped = logs.rewind_tensorboard(args.log_dir or args.output_dir,
+                                      lambda tag, x: x < (cut if tag in STEP_TAGS else epoch))
+    if dropped:
+        print0(f"dropped {dropped} TensorBoard event(s) written after the checkpoint (this run writes them again)")
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -313,10 +429,11 @@ def build_loaders(args, dataset_train, dataset_val):
     pin = args.pin_mem and torch.device(args.device).type == "cuda"
     loaders = {}
     if dataset_train is not None:
-        sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
-                                                      shuffle=True, seed=args.seed, drop_last=True)
+        sampler = data_util.ResumableSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                             shuffle=True, seed=args.seed, drop_last=True)
         loaders["train"] = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
-                                                       num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+                                                       num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+                                                       worker_init_fn=preempt.ignore_in_worker)
         if len(loaders["train"]) == 0:
             raise UserInputError(f"{dataset_train.root} has {len(dataset_train)} images, fewer than one step of "
                                  f"--batch_size {args.batch_size} x {world_size} process(es); lower --batch_size")
@@ -330,23 +447,80 @@ def build_loaders(args, dataset_train, dataset_val):
 # ---------------------------------------------------------------------- main
 def main(args):
     """Run training or evaluation. Returns {'model': the FractalGen (unwrapped), 'args',
-    and 'train' / 'nll' / 'gen' results where run}. Bad input raises SystemExit with one
-    sentence and writes nothing."""
-    log_writer = None
+    and 'train' / 'nll' / 'gen' results where run}; after a stop by a signal, {'args',
+    'stopped': {'epoch', 'step', 'steps', 'signal', 'checkpoint'}}. Bad input raises
+    SystemExit with one sentence and writes nothing."""
+    held = {}  # what run() opened: closed here, also after an error
+    preempt.install()
     try:
+        check_long_run_args(args)
         device = misc.init_distributed_mode(args)
-        result, log_writer = run(args, device)
+        result = run(args, device, held)
+        if "checkpoints" in held:
+            held["checkpoints"].wait()
         misc.barrier()
         return result
+    except TrainingStopped as stop:
+        held["checkpoints"].wait()  # the checkpoint of this point is on disk before we exit
+        return {"args": args, "stopped": report_stop(stop, held["checkpoints"].path, args)}
     except (UserInputError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {misc.one_line(e)}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
+        print(f"rank {misc.get_rank()}: interrupted by a second Ctrl-C; nothing saved since the last checkpoint "
+              f"in {args.output_dir}, which is intact", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except RuntimeError as e:
+        if not (misc.is_dist() and "timed out" in str(e).lower()):
+            raise
+        raise SystemExit(f"error: rank {misc.get_rank()}: no answer from the other processes within --dist_timeout "
+                         f"{args.dist_timeout:g} min (one stalled or died; see its log); stopping. The last "
+                         f"checkpoint in {args.output_dir} is intact: resume with --resume {args.output_dir}") from None
     finally:
-        if log_writer is not None:
-            log_writer.close()
+        close_held(held)
         misc.cleanup_distributed()
+        preempt.uninstall()
 
 
-def run(args, device):
+def close_held(held):
+    """Finish a background checkpoint write and close TensorBoard; an error here is
+    reported only when nothing else went wrong first."""
+    pending = sys.exc_info()[1] is not None
+    for name in ("checkpoints", "log_writer"):
+        if name not in held:
+            continue
+        try:
+            held.pop(name).wait() if name == "checkpoints" else held.pop(name).close()
+        except UserInputError as e:
+            if not pending:
+                raise SystemExit(f"error: {misc.one_line(e)}") from None
+
+
+def report_stop(stop, path, args):
+    """One line per rank on where training stopped and how to go on; the details."""
+    why = f"stopped by {stop.signal_name}" if stop.signal_name else "stopped (another process was signalled)"
+    print(f"rank {misc.get_rank()}: {why} after step {stop.step} of {stop.steps} in epoch {stop.epoch}; "
+          f"{path} holds this point. To continue, rerun with --resume {args.output_dir}", flush=True)
+    return {"epoch": stop.epoch, "step": stop.step, "steps": stop.steps, "signal": stop.signal_name,
+            "checkpoint": path}
+
+
+def open_outputs(args, ckpt, training, steps_per_epoch):
+    """Rank 0: create --output_dir, clear temp files of killed saves, rewind the logs of a
+    resumed run (--resume given), and open TensorBoard. Returns the LogWriter (None on other ranks)."""
+    if not misc.is_main_process():
+        return None
+    with misc.writing(args.output_dir):
+        os.makedirs(args.output_dir, exist_ok=True)
+    if training:
+        stale = ckpt_util.remove_stale_temp_files(args.output_dir)
+        if stale:
+            print0(f"removed {', '.join(stale)} from {args.output_dir} (left by a save that was killed)")
+        if args.resume:  # also a fresh start in a folder a run died in before its first checkpoint
+            rewind_logs(args, ckpt, steps_per_epoch)
+    return logs.LogWriter(args.log_dir or args.output_dir)
+
+
+def run(args, device, held):
     training = not (args.evaluate_gen or args.evaluate_nll)
     generating = args.evaluate_gen or (training and args.online_eval)
     check_args(args)
@@ -361,8 +535,9 @@ def run(args, device):
     if args.evaluate_nll:
         data_util.split_dir(args.data_path, "val")
     path = find_resume_checkpoint(args, training)
-    ckpt = ckpt_util.load_checkpoint(path) if path else None
-    dataset_train = data_util.build_dataset(args.data_path, "train", args.img_size, True) if training else None
+    ckpt, path = ckpt_util.load_latest_checkpoint(path, use_previous=training) if path else (None, None)
+    dataset_train = (data_util.build_dataset(args.data_path, "train", args.img_size, True, seed=args.seed)
+                     if training else None)
     dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
     resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
     if generating:
@@ -384,11 +559,10 @@ def run(args, device):
     print0(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
            f"{args.class_num} classes; device {device}, precision {args.precision}, "
            f"{misc.get_world_size()} process(es)")
-    log_writer = None
-    if misc.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    steps_per_epoch = len(loaders["train"]) if training else None
+    log_writer = held["log_writer"] = open_outputs(args, ckpt, training, steps_per_epoch)
+    if log_writer is None:
+        held.pop("log_writer")
     result = {"model": model, "args": args}
 
     if not training:
@@ -397,14 +571,15 @@ def run(args, device):
             result["nll"] = evaluate_nll(model, loaders["val"], args, log_writer=log_writer)
         if args.evaluate_gen:
             result["gen"] = evaluate_gen(model, args, log_writer=log_writer)
-        return result, log_writer
+        return result
 
-    result["train"] = train(model, ckpt, path, loaders["train"], args, device, log_writer)
-    return result, log_writer
+    result["train"] = train(model, ckpt, path, loaders["train"], args, device, log_writer, held)
+    return result
 
 
-def train(model, ckpt, path, loader, args, device, log_writer):
-    """The training loop; returns the last epoch's stats."""
+def train(model, ckpt, path, loader, args, device, log_writer, held):
+    """The training loop; returns the last epoch's stats. Raises TrainingStopped after a
+    stop request, once its checkpoint is written."""
     world_size = misc.get_world_size()
     eff_batch = args.batch_size * world_size
     if args.lr is None:
@@ -412,9 +587,11 @@ def train(model, ckpt, path, loader, args, device, log_writer):
     print0(f"effective batch {eff_batch}; base lr {args.lr * 256 / eff_batch:.2e}, actual lr {args.lr:.2e}")
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if ckpt is not None:
-        restore_training_state(ckpt, path, optimizer, scaler, args)
-        del ckpt
+    steps = len(loader)
+    position = restore_training_state(ckpt, path, optimizer, scaler, args, steps)
+    del ckpt
+    checkpoints = held["checkpoints"] = Checkpoints(model, optimizer, scaler, args, position["meters"],
+                                                         log_writer)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -426,22 +603,21 @@ def train(model, ckpt, path, loader, args, device, log_writer):
     if args.start_epoch >= args.epochs:
         print0(f"nothing to train: epoch {args.start_epoch} is past --epochs {args.epochs}")
         return stats
-    print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {len(loader)} steps each")
+    print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {steps} steps each")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        # reseed per epoch: a resumed run replays exactly what an uninterrupted run does
-        misc.seed_everything(args.seed, epoch, misc.get_rank())
-        stats = train_one_epoch(train_model, loader, optimizer, scaler, epoch, args, log_writer)
+        start_step = position["step"] if epoch == args.start_epoch else 0
+        loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        stats = train_one_epoch(train_model, loader, optimizer, scaler, epoch, args, log_writer,
+                                start_step=start_step, checkpoints=checkpoints)
         last = epoch + 1 == args.epochs
-        if misc.is_main_process() and (epoch % args.save_last_freq == 0 or last):
-            save_training_checkpoint(model, optimizer, scaler, epoch, args)
+        if epoch % args.save_last_freq == 0 or last:
+            checkpoints.save_epoch(epoch, steps, {"epoch": epoch, **stats})
         if args.online_eval and (epoch % args.eval_freq == 0 or last):
             stats.update({k: v for k, v in evaluate_gen(model, args, epoch, log_writer, online=True).items()
                           if k != "folder"})
         if misc.is_main_process():
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            logs.append_line(os.path.join(args.output_dir, "log.txt"), {"epoch": epoch, **stats})
             done = epoch + 1 - args.start_epoch
             remaining = (time.time() - start) / done * (args.epochs - epoch - 1)
             print0(f"epoch {epoch} done; run ETA {misc.format_seconds(remaining)}")
@@ -455,7 +631,10 @@ def script_main(argv=None):
     on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
     if on_cpu and args.cpu_malloc == "keep":
         misc.keep_freed_memory()
-    return main(args)
+    result = main(args)
+    if isinstance(result, dict) and "stopped" in result:
+        sys.exit(args.requeue_exit_code)
+    return result
 
 
 if __name__ == "__main__":
