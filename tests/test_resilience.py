@@ -47,6 +47,10 @@ def logged(out):
     """(log.txt lines, {tag: [(step, value), ...]} over every TensorBoard file) of a run."""
     with open(os.path.join(out, "log.txt")) as f:
         lines = [json.loads(line) for line in f]
+    return lines, logged_scalars(out)
+
+
+def logged_scalars(out):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     scalars = {}
     for name in sorted(os.listdir(out)):
@@ -54,7 +58,7 @@ def logged(out):
             for event in EventFileLoader(os.path.join(out, name)).Load():
                 for value in event.summary.value:
                     scalars.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
-    return lines, {tag: sorted(points) for tag, points in scalars.items()}
+    return {tag: sorted(points) for tag, points in scalars.items()}
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +183,19 @@ def test_sigkill_at_random_moments_then_resume_is_exact_with_no_stray_files(tiny
         "checkpoint-last.pth", "checkpoint-prev.pth", "log.txt"]
 
 
-# Runs the command-line entry of one rank; FAULT="SIGNAL:RANK:N" makes that rank send
-# itself SIGNAL at its N-th optimizer step (a preemption, or a stall with SIGSTOP).
+# Runs the command-line entry of one rank; FAULT="SIGNAL:RANK:N[:parent]" makes that rank
+# send SIGNAL to itself (or to its parent, the torchrun agent) at its N-th optimizer step:
+# a preemption, or a stall with SIGSTOP.
 RANK_WRAPPER = """
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})
-name, rank, at = (os.environ.get("FAULT") or "none:-1:0").split(":")
+name, rank, at, *target = (os.environ.get("FAULT") or "none:-1:0").split(":")
 if int(rank) == int(os.environ["RANK"]):
     step, calls = torch.optim.AdamW.step, []
     def faulty_step(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == int(at):
-            os.kill(os.getpid(), getattr(signal, name))
+            os.kill(os.getppid() if target else os.getpid(), getattr(signal, name))
         return step(self, *args, **kwargs)
     torch.optim.AdamW.step = faulty_step
 from main_fractalgen import script_main
@@ -263,3 +268,39 @@ def test_a_stalled_rank_ends_the_job_on_the_healthy_one_within_the_timeout(tiny_
         f"error: rank 0: no answer from the other processes within --dist_timeout 0.1 min (one stalled or died; "
         f"see its log); stopping. The last checkpoint in {out} is intact: resume with --resume {out}")
     assert waited < 60
+
+
+def test_rewind_drops_tensorboard_events_from_the_checkpoint_on(tmp_path):
+    """A checkpoint after step 1 of epoch 1 (3 steps an epoch): the dead run's steps from
+    there on, and evaluations of epoch 1 and later, go; earlier ones stay."""
+    import argparse
+    from main_fractalgen import rewind_logs
+    writer = logs.LogWriter(str(tmp_path))
+    for epoch in range(3):
+        for step in range(3):
+            writer.add_scalar("train_loss", 1.0, engine.step_axis(epoch, step, 3))
+        writer.add_scalar("fid_cfg1.0", 2.0, epoch)
+    writer.close()
+    args = argparse.Namespace(output_dir=str(tmp_path), log_dir=None, start_epoch=0)
+    rewind_logs(args, {"epoch": 0, "train_state": {"epoch": 1, "step": 1, "steps_per_epoch": 3}}, 3)
+    scalars = logged_scalars(str(tmp_path))
+    assert [x for x, _ in scalars["train_loss"]] == [0, 333, 666, 1000]
+    assert [x for x, _ in scalars["fid_cfg1.0"]] == [0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_stops_every_worker_cleanly(tiny_data, tmp_path, child_env):
+    """torchrun forwards SIGTERM to its workers (and their DataLoader workers, which must
+    survive it); each saves-or-waits and prints its line. The agent itself still logs its
+    own SignalException (torchrun's code)."""
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(RANK_WRAPPER.format(repo=REPO))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           *train_argv(tiny_data, out, "--batch_size", 2, epochs=1)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(child_env, FAULT="SIGTERM:0:1:parent"), capture_output=True,
+                          text=True, timeout=300)
+    for rank in range(2):
+        assert f"rank {rank}: stopped by SIGTERM after step 2 of 3 in epoch 0" in proc.stdout, proc.stderr[-3000:]
+    assert "[rank" not in proc.stderr  # no worker traceback (DataLoader workers survived the group signal)
+    assert ckpt_util.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["train_state"]["step"] == 2
