@@ -451,7 +451,8 @@ def main(args):
     'stopped': {'epoch', 'step', 'steps', 'signal', 'checkpoint'}}. Bad input raises
     SystemExit with one sentence and writes nothing."""
     held = {}  # what run() opened: closed here, also after an error
-    preempt.install()
+    if not (args.evaluate_gen or args.evaluate_nll):  # evaluation keeps Ctrl-C = stop now
+        preempt.install()
     try:
         check_long_run_args(args)
         device = misc.init_distributed_mode(args)
@@ -465,9 +466,9 @@ def main(args):
         return {"args": args, "stopped": report_stop(stop, held["checkpoints"].path, args)}
     except (UserInputError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {misc.one_line(e)}") from None
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
-        print(f"rank {misc.get_rank()}: interrupted by a second Ctrl-C; nothing saved since the last checkpoint "
-              f"in {args.output_dir}, which is intact", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C in evaluation, or a second one in training: stop now
+        print(f"rank {misc.get_rank()}: interrupted by Ctrl-C; stopped without saving (checkpoints in "
+              f"{args.output_dir} are intact)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except RuntimeError as e:
         if not (misc.is_dist() and "timed out" in str(e).lower()):

@@ -3,9 +3,8 @@
     python tests/kill_harness.py ARGV_JSON KILLS SEED
 
 Imports torch once, then forks one child per attempt that runs main() (resuming from
---output_dir); the parent kills it with SIGKILL after a delay drawn from a seeded RNG,
-and every third kill waits instead for the checkpoint's temp file to appear (a kill
-mid-save). After KILLS kills the last child runs to the end. Prints a JSON report."""
+--output_dir) and kills it with SIGKILL (see main_loop for when; delays come from a
+seeded RNG). After KILLS kills the last child runs to the end. Prints a JSON report."""
 import json
 import os
 import random
@@ -46,22 +45,40 @@ def wait_for(pid, deadline, until=None):
     return None
 
 
+def inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def main_loop(argv, kills, seed):
+    """Every third kill lands the moment a save starts writing (mid-save); the others at a
+    random delay after one completed save, at the latest when the next save starts. So a
+    killed attempt completes at most one checkpoint, whatever the machine's speed, and
+    the run (8 saves with --save_every_steps 1) is still unfinished after 10 kills."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
-    tmp = os.path.join(argv[argv.index("--output_dir") + 1], "checkpoint-last.pth.tmp")
+    out = argv[argv.index("--output_dir") + 1]
+    last, tmp = os.path.join(out, "checkpoint-last.pth"), os.path.join(out, "checkpoint-last.pth.tmp")
     report = {"kills": 0, "mid_save": 0, "attempts": 0}
     while True:
         report["attempts"] += 1
+        before = inode(last)
         pid = os.fork()
         if pid == 0:
             run_child(argv)
         if report["kills"] >= kills:
             report["exit_code"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             return report
-        targeted = report["kills"] % 3 == 2
-        deadline = time.monotonic() + (30 if targeted else rng.uniform(0.2, 1.5))
-        code = wait_for(pid, deadline, (lambda: os.path.exists(tmp)) if targeted else None)
+        far = time.monotonic() + 120
+        code = wait_for(pid, far, lambda: not os.path.exists(tmp))  # the child clears a stale temp file
+        if code is None and report["kills"] % 3 != 2:
+            code = wait_for(pid, far, lambda: inode(last) != before)  # one save completed
+            if code is None:
+                code = wait_for(pid, time.monotonic() + rng.uniform(0, 0.1), lambda: os.path.exists(tmp))
+        elif code is None:
+            code = wait_for(pid, far, lambda: os.path.exists(tmp))
         if code is not None:  # finished before the kill: the run is complete
             report["exit_code"] = code
             return report

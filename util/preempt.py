@@ -55,13 +55,23 @@ def install():
 def ignore_in_worker(worker_id=None):
     """DataLoader worker_init_fn: the worker ignores the stop signals. Launchers signal a
     whole process group (torchrun's shutdown, SLURM), and PyTorch's workers die of a
-    SIGTERM that does not come from their parent; the main process, which finishes the
-    step and checkpoints, still needs them. They exit when the main process ends them
-    (or dies)."""
-    for name in STOP_SIGNALS:
+    SIGTERM that does not come from their parent, while the main process, which finishes
+    the step and checkpoints, still needs them. A SIGTERM from the parent (how
+    multiprocessing ends leftover workers at exit) still ends the worker."""
+    for name in ("SIGINT", "SIGUSR1"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not POSIX: keep PyTorch's SIGTERM handling
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent(parent):
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def uninstall():
