@@ -304,3 +304,22 @@ def test_sigterm_to_the_torchrun_agent_stops_every_worker_cleanly(tiny_data, tmp
         assert f"rank {rank}: stopped by SIGTERM after step 2 of 3 in epoch 0" in proc.stdout, proc.stderr[-3000:]
     assert "[rank" not in proc.stderr  # no worker traceback (DataLoader workers survived the group signal)
     assert ckpt_util.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["train_state"]["step"] == 2
+
+
+def test_repeated_signals_sigterm_ignored_second_ctrl_c_waits_for_the_save():
+    from util import preempt
+    assert preempt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # launchers signal twice: ignored
+        assert preempt.requested() == "SIGUSR1"
+        events = []
+        with pytest.raises(KeyboardInterrupt):
+            with preempt.shielded():  # a checkpoint write: a second Ctrl-C waits for its end
+                os.kill(os.getpid(), signal.SIGINT)
+                events.append("write finished")
+        assert events == ["write finished"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        preempt.uninstall()

@@ -29,6 +29,9 @@ def _handler(signum, frame):
     name = signal.Signals(signum).name
     if _state["requested"] is None:
         _state["requested"] = name
+        # os.write, not print: a handler may run in the middle of another print
+        os.write(2, f"rank {os.environ.get('RANK', '0')}: {name} received; stopping after the current step with a "
+                    f"checkpoint{' (Ctrl-C again: stop now, unsaved)' if name == 'SIGINT' else ''}\n".encode())
         return
     if name == "SIGINT":
         if _state["shield"]:
