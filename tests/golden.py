@@ -10,7 +10,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @functools.lru_cache(maxsize=None)
 def _load(name):
-    return torch.load(FIXTURES / f"{name}.pth", weights_only=False)
+    return torch.load(FIXTURES / f"{name}.pth", weights_only=True)
 
 
 def load_case(name):

@@ -44,7 +44,7 @@ def test_two_cpu_processes_train_identically_and_generate_unique_images(
     assert "generated 6 images" in stdout and re.search(r"fid: \d+\.\d+", stdout)
     assert not [d for d in os.listdir(out) if d.startswith("tmp-")]
 
-    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     ckpt = load_checkpoint(str(out / "checkpoint-last.pth"))
     assert ckpt["optimizer"]["state"][0]["step"] == 3  # 12 images / (2 per rank x 2 ranks)
     model = create_model("fractalmar_tiny", class_num=2)

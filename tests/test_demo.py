@@ -188,3 +188,20 @@ def test_quickstart_default_run_learns_the_classes(tmp_path):
             votes = torch.cdist(shape, colours).argmin(1).bincount(minlength=4)
             hits += int(votes.argmax() == label)
     assert hits >= 0.9 * len(labels)
+
+
+@pytest.mark.parametrize("flags, fast", [([], False), (["--fast"], True)])
+def test_sample_cli_passes_fast_to_generate(ckpt, tmp_path, monkeypatch, flags, fast):
+    from models.fractalgen import FractalGen
+    seen = []
+    real_generate = FractalGen.generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen.append(kwargs.get("fast"))
+        kwargs["fast"] = False  # record the request, sample on the exact path (no compile in the suite)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(FractalGen, "generate", recording_generate)
+    sample.main(["--ckpt", ckpt, "--labels", "0", "--num_per_label", "1", "--output", str(tmp_path / "s.png"),
+                 "--num_iter_list", "2,2", *flags])
+    assert seen == [fast]

@@ -347,3 +347,32 @@ def test_compile_flag_trains_and_evaluates_with_compiled_blocks(run_main, tiny_d
                    "--resume", compiled_out, "--device", "cpu", "--num_workers", 0, "--evaluate_nll",
                    "--nll_bsz", 5, "--compile")["nll"]
     assert nll["images"] == 5 and 6 < nll["bpd"] < 10
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_generation_passes_fast_sampling_to_generate(fast):
+    import engine_fractalgen
+
+    class Recorder(torch.nn.Module):
+        img_size = 4
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def generate(self, labels, **kwargs):
+            self.seen.append(kwargs["fast"])
+            return torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8)
+
+    class Bank:  # stands in for util.fid.FeatureBank
+        def add(self, images, ids):
+            pass
+
+    import tempfile
+    args = argparse.Namespace(device="cpu", seed=0, num_images=2, class_num=2, gen_bsz=2, precision="fp32",
+                              num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0,
+                              filter_threshold=1e-4, fast_sampling=fast)
+    model = Recorder()
+    with tempfile.TemporaryDirectory() as folder:
+        engine_fractalgen.generate_images(model, args, 0, folder, Bank())
+    assert model.seen == [fast]

@@ -114,7 +114,7 @@ def test_mar_random_mask_mean_within_four_standard_errors(name):
 
 
 # ---------------------------------------------------------------- seeded sampling
-OFFICIAL_SAMPLES = torch.load(FIXTURES / "official_samples.pth", weights_only=False)["entries"]
+OFFICIAL_SAMPLES = torch.load(FIXTURES / "official_samples.pth", weights_only=True)["entries"]
 
 
 def sample_id(entry):
