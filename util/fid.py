@@ -80,15 +80,9 @@ def load_stats(path):
 
 def save_stats(path, mu, sigma):
     """Write `mu`, `sigma` to an npz atomically (temp file + rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"  # np.savez appends .npz to names without it
-    try:
+    # np.savez appends .npz to names without it
+    with misc.replacing(path, tmp=f"{path}.tmp-{os.getpid()}.npz") as tmp:
         np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------- Inception

@@ -54,7 +54,7 @@ import models.fractalgen as fractalgen_module
 from models import DEFAULT_SAMPLING, MODELS, FractalGen, create_model, fixed_masking, from_uint8, to_uint8
 from util.benchmark import PeakMemory, Sections, instrument_levels, level_flops, matmul_rate, random_batch
 from util.benchmark import machine_info as benchmark_machine_info
-from util.misc import UserInputError, autocast, one_line, synchronize
+from util.misc import UserInputError, autocast, one_line, replacing, synchronize
 from util.validation import check_device, parse_num_iter_list, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,14 +95,8 @@ PLANS = {
 def write_atomic(path, text):
     """Write `text` to `path` through a temporary file renamed over it: a crash mid-write
     leaves the previous version."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def status_of(rows):

@@ -10,7 +10,7 @@ import glob
 import json
 import os
 
-from util.misc import writing
+from util.misc import replacing, writing
 
 EVENTS_PATTERN = "events.out.tfevents.*"
 
@@ -45,11 +45,8 @@ def append_line(path, entry):
 
 
 def _replace_contents(path, write):
-    tmp = path + ".tmp"
-    with writing(path):
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+    with writing(path), replacing(path, tmp=path + ".tmp"), open(path + ".tmp", "wb") as f:
+        write(f)
 
 
 def rewind_log(path, last_epoch, last_entry=None):

@@ -59,6 +59,22 @@ def write_error_message(path, exc, flag="--output_dir"):
 
 
 @contextlib.contextmanager
+def replacing(path, tmp=None):
+    """Yield a temporary path in the folder of `path`; when the block completes, rename it
+    over `path`. A crash mid-write leaves the previous file whole, and the temporary one is
+    removed on any error. tmp: its name, default `<path>.tmp-<pid>`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = tmp or f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def writing(path, flag="--output_dir"):
     """Turn an OSError raised inside the block into an OutputWriteError naming `path`."""
     try:

@@ -2,14 +2,13 @@
 
 Images are uint8 tensors (B, 3, H, W) as returned by `FractalGen.generate`.
 """
-import contextlib
 import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-from util.misc import UserInputError
+from util.misc import UserInputError, replacing
 
 GRID_PAD = 2        # pixels between tiles
 GRID_PAD_VALUE = 255
@@ -54,7 +53,7 @@ def save_grid(images, path, nrow=None, scale=None):
     images = torch.as_tensor(images)
     grid = make_grid(images, nrow)
     scale = scale or auto_scale(images.shape[-2], target=64)
-    with _atomic(path) as tmp:
+    with replacing(path) as tmp:
         to_pil(grid, scale).save(tmp, format=image_format(path))
     return path
 
@@ -69,7 +68,7 @@ def save_gif(frames, path, duration_ms=80, final_hold_ms=1500, scale=1):
     if not isinstance(path, (str, os.PathLike)):  # a file object
         pils[0].save(path, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
         return path
-    with _atomic(path) as tmp:
+    with replacing(path) as tmp:
         pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
     return path
 
@@ -125,18 +124,3 @@ def image_format(path):
         raise UserInputError(f"cannot write images to {os.fspath(path)!r}: unknown file type {ext or '(none)'}; "
                              f"end the name in .png (or .jpg, .gif)")
     return fmt
-
-
-@contextlib.contextmanager
-def _atomic(path):
-    """Write through a temporary file in the same folder, renamed over `path` only when
-    complete: a crash never leaves half an image where a good one was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
