@@ -10,7 +10,7 @@ from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util import fid, preempt
+from util import fid, preempt, validation
 
 PRINT_FREQ = 20
 TRAIN_STREAM = 3  # last seed key of training steps (generation uses 1, NLL 2)
@@ -259,7 +259,7 @@ def generate_images(model, args, epoch, folder, features):
             images = model.generate(labels[ids.start:ids.stop].to(device), num_iter_list=args.num_iter_list,
                                     cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                                     filter_threshold=args.filter_threshold,
-                                    fast=getattr(args, "fast_sampling", False))
+                                    fast=validation.fast_sampler(getattr(args, "fast_sampling", "off")))
         misc.synchronize(device)
         seconds = time.perf_counter() - start
         if step == 0:

@@ -55,9 +55,9 @@ def get_args_parser():
     add("--compile", action="store_true",
         help="torch.compile every transformer block (training, NLL and generation; off by default: the first "
              "steps compile, and floats differ from eager at rounding level)")
-    add("--fast_sampling", action="store_true",
-        help="--evaluate_gen / online eval with the fast sampler, generate(fast=True): compiled static-shape "
-             "steps, the same distribution, other random draws")
+    add("--fast_sampling", nargs="?", const="compiled", default="off", choices=list(validation.FAST_SAMPLERS),
+        help="--evaluate_gen / online eval with the fast sampler (the same distribution, other random draws); "
+             "alone it means compiled. " + validation.FAST_HELP)
 
     # model
     add("--model", default="fractalmar_in64", choices=sorted(MODELS), metavar="MODEL",

@@ -29,7 +29,8 @@ from util.download import DownloadError  # noqa: E402
 from util.masks import TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
-from util.validation import check_device, check_sampling_args, parse_num_iter_list, positive_int  # noqa: E402
+from util.validation import (FAST_HELP, FAST_SAMPLERS, check_device, check_sampling_args, fast_sampler,  # noqa: E402
+                             parse_num_iter_list, positive_int)
 from util.visualize import (auto_scale, image_format, load_image, make_grid, open_image, save_gif,  # noqa: E402
                             save_grid, show_known)
 
@@ -144,9 +145,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks: faster MAR sampling after a slow first call; "
                         "floats differ from eager at rounding level, so seeded images may differ")
-    p.add_argument("--fast", action="store_true",
-                   help="fast sampler: static-shape steps compiled with torch.compile (the first run compiles; "
-                        "the same distribution, other random draws than the official sampler)")
+    p.add_argument("--fast", nargs="?", const="compiled", default="off", choices=list(FAST_SAMPLERS),
+                   help="fast sampler (the same distribution, other random draws than the official sampler; the "
+                        "first call compiles). --fast alone means compiled. " + FAST_HELP)
     p.add_argument("--output", default="outputs/samples.png", help="grid PNG to write (outputs/ is git-ignored)")
     p.add_argument("--gif", default=None, help="also write the generation process as an animated GIF, e.g. "
                                                "outputs/generation.gif")
@@ -205,7 +206,7 @@ def run(args):
     try:
         with autocast(device, precision):
             images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
-                                     progress=steps, fast=args.fast, **settings)
+                                     progress=steps, fast=fast_sampler(args.fast), **settings)
     finally:
         steps.close()
     print(f"generated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)

@@ -11,6 +11,7 @@ from .layers import (KVCache, StaticKVCache, attend, dropout_in_training, init_w
 AR_RESID_DROPOUT = 0.1
 AR_FFN_DROPOUT = 0.1
 ROPE_BASE = 10000.0
+FUSE_PIXEL_STEPS = True  # fast sampling: each pixel draw and the next AR step as one graph
 
 
 def find_multiple(n, k):
@@ -175,8 +176,9 @@ class AR(nn.Module):
         known / known_mask: optional (B, 3, H, W) values and bools; fully known patches
         are taken as they are, partly known ones recurse with their known part.
         fast: False (the official random stream), True (static-shape decode steps under
-        torch.compile) or "eager" (the same steps uncompiled); conditional generation
-        (known) always takes the official path.
+        torch.compile), "frozen" (the same with the weights frozen into the graphs, CPU)
+        or "eager" (the same steps uncompiled); conditional generation (known) always
+        takes the official path.
         Returns (B, 3, H, W) normalised images.
         """
         if fast and known is None:
@@ -226,11 +228,21 @@ class AR(nn.Module):
             token = torch.cat([token, token])
         return self.decode_tokens(token, pos, buffers)[:, 0]
 
+    def draw_and_decode(self, head, h, pos, buffers, temperature, cfg, filter_threshold, guided):
+        """The pixel `head` draws the pixels of the conditions h (rows, D), which go straight
+        into the decode step at position pos: -> pixels (B, 3) and the conditions of the next
+        pixels (rows, D). One graph per pixel instead of two (the per-call overhead of a
+        compiled step is as large as the step itself at batch 1)."""
+        pixels = head.draw_pixels(h, temperature, cfg, filter_threshold, guided)
+        return pixels, self.decode_patch(pixels, pos, buffers, guided)
+
     def sample_static(self, cond, cfg, cfg_schedule, temperature, filter_threshold, next_level,
                       visualize, fast):
         """`sample` without known pixels, as fixed-shape steps (see StaticKVCache): the
         condition token is one step, every patch another, each a candidate for one
-        compiled graph. cond: (rows, C). Returns (B, 3, H, W)."""
+        compiled graph. Right above the pixel head (`next_level.pixel_head`, patches of
+        one pixel) each draw is fused with the next decode step. cond: (rows, C).
+        Returns (B, 3, H, W)."""
         guided = cfg != 1.0
         B = cond.shape[0] // 2 if guided else cond.shape[0]
         p, L = self.patch_size, self.seq_len
@@ -240,14 +252,26 @@ class AR(nn.Module):
         attention = self.blocks[0].attention
         buffers = StaticKVCache.buffers(x.shape[0], attention.num_heads, L + 1, x.shape[-1] // attention.num_heads,
                                         x, len(self.blocks))
-        prefill, step = step_function(AR.decode_tokens, fast), step_function(AR.decode_patch, fast)
+        rows = x.shape[0]
+        prefill = step_function(AR.decode_tokens, fast, device=cond.device, rows=rows)
+        head = getattr(next_level, "pixel_head", None) if FUSE_PIXEL_STEPS else None
+        if head is None:
+            step = step_function(AR.decode_patch, fast, device=cond.device, rows=rows)
+        else:
+            fused = step_function(AR.draw_and_decode, fast, device=cond.device, rows=rows)
+        # tensors, not floats: a float argument would be a constant of the compiled graph
+        temperature_t = torch.tensor(float(temperature), device=cond.device)
         h = prefill(self, x, positions[:1], buffers)[:, 0]
         for i in range(L):
-            if i > 0:
-                h = step(self, patches[:, i - 1], positions[i:i + 1], buffers, guided)
             cfg_iter = 1 + (cfg - 1) * (i + 1) / L if cfg_schedule == "linear" else cfg
-            out = next_level(cond_list=[h], cfg=cfg_iter, temperature=temperature,
-                             filter_threshold=filter_threshold)
+            if head is not None and i < L - 1:  # draw pixel i, then condition pixel i + 1
+                out, h = fused(self, head, h, positions[i + 1:i + 2], buffers, temperature_t,
+                               torch.tensor(float(cfg_iter), device=cond.device), filter_threshold, guided)
+            else:
+                if i > 0 and head is None:
+                    h = step(self, patches[:, i - 1], positions[i:i + 1], buffers, guided)
+                out = next_level(cond_list=[h], cfg=cfg_iter, temperature=temperature,
+                                 filter_threshold=filter_threshold)
             patches[:, i] = out.reshape(B, -1)
             if visualize:
                 visualize(unpatchify(patches, p, self.grid_size), i + 1, L)

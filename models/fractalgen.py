@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .ar import AR, ARBlock
-from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast
+from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps
 from .mar import MAR
 from .pixelloss import PixelLoss
 
@@ -164,8 +164,11 @@ class FractalGen(nn.Module):
                                            cfg_schedule="constant", fractal_level=fractal_level + 1, fast=fast)
         else:
             next_level = functools.partial(self.next_fractal.sample, fast=fast)
+            next_level.pixel_head = self.next_fractal  # lets a fast AR level fuse its steps with the draws
         if visualize is True:
             visualize = False  # the official flag drives Colab widgets; pass a callable instead
+        if fast == "frozen" and self.fractal_level == 0:
+            forget_stale_steps(self)  # compiled CPU steps hold copies of the weights
         return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule,
                                      temperature, filter_threshold, next_level, visualize,
                                      known=known, known_mask=known_mask, fast=fast)
@@ -201,7 +204,11 @@ class FractalGen(nn.Module):
         official images bit for bit. True runs static-shape decode steps (preallocated
         key/value caches, rows padded to fixed sizes, no host syncs) compiled with
         torch.compile: several times faster at small batch once compiled, the same
-        distribution, other random draws. "eager" runs those steps uncompiled (tests).
+        distribution, other random draws; the compiled code is cached on disk, so a new
+        process starts sooner. "frozen" (CPU) also freezes the weights into the graphs,
+        whose matmuls then compile to inductor's own C++ kernels: faster again once
+        compiled, but compiled anew in every process (see layers.step_function); meant for
+        long jobs such as --evaluate_gen. "eager" runs the steps uncompiled (tests).
         Conditional generation (known) always takes the official path.
         Returns uint8 (B, 3, H, W) on the model's device.
         """

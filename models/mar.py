@@ -249,7 +249,7 @@ class MAR(nn.Module):
         orders = torch.rand(size, L, device=device).argsort(dim=1)
         ranks = orders.argsort(dim=1)
         batch = torch.arange(halves * size, device=device).unsqueeze(1)  # (rows, 1)
-        predict = step_function(MAR.predict, fast, dynamic=True)
+        predict = step_function(MAR.predict, fast, dynamic=True, device=device)
         done = 0  # patches generated so far, the same count in every row
         schedule = static_schedule(L, min(L, num_iter))
         for step, (mask_len, count) in enumerate(schedule):

@@ -120,7 +120,7 @@ class PixelLoss(nn.Module):
         later channels are conditioned on them). Returns (N, 3) normalised pixels.
 
         Each channel is one cached step of the causal transformer, so the three
-        passes cost one token each. fast (True or "eager", without known): the three
+        passes cost one token each. fast (True, "frozen" or "eager", without known): the three
         steps as one fixed-shape function (`draw_pixels`), rows padded to a power of two.
         """
         cond = cond_list[0]
@@ -163,7 +163,7 @@ class PixelLoss(nn.Module):
         # tensors, not floats: a float argument would be a constant of the compiled graph
         temperature = torch.tensor(float(temperature), device=cond.device)
         cfg = torch.tensor(float(cfg), device=cond.device)
-        draw = step_function(PixelLoss.draw_pixels, fast)
+        draw = step_function(PixelLoss.draw_pixels, fast, device=cond.device, rows=(1 + guided) * size)
         padded = pad_halves(cond, 1 + guided, size)  # conditional rows [, unconditional rows], each padded
         return draw(self, padded, temperature, cfg, filter_threshold, guided)[:n]
 

@@ -65,14 +65,18 @@ def test_benchmark_fast_and_batch_rows(capsys, monkeypatch):
     in the first row of the configuration (they depend on neither). The fast steps run
     uncompiled here (compiling takes minutes on a busy 2-core machine; the slow test below
     compiles)."""
-    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic: fn)
-    report = benchmark.main(TINY_ARGS + ["--no_flops", "--fast", "off", "on", "--sample_batch", "1", "2",
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic, frozen: fn)
+    report = benchmark.main(TINY_ARGS + ["--no_flops", "--fast", "off", "on", "frozen", "--sample_batch", "1", "2",
                                          "--phases", "eval", "sample"])
     rows = report["results"]
-    assert [(r["fast"], r["sample"]["batch"]) for r in rows] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    assert [(r["fast"], r["sample"]["batch"]) for r in rows] == [(False, 1), (False, 2), (True, 1), (True, 2),
+                                                                 ("frozen", 1), ("frozen", 2)]
     assert "eval" in rows[0] and not any("eval" in r for r in rows[1:])
     assert all("first_call_s_per_image" in r["sample"] for r in rows[2:])
-    assert "first call (cold" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "first call (cold" in out
+    table_rows = [line.split()[3] for line in out.splitlines() if line.startswith("tiny ")]
+    assert table_rows[-6:] == ["no", "no", "yes", "yes", "frz", "frz"]  # the final table's fast column
 
 
 def test_hyphenated_flags_still_work():

@@ -190,7 +190,8 @@ def test_quickstart_default_run_learns_the_classes(tmp_path):
     assert hits >= 0.9 * len(labels)
 
 
-@pytest.mark.parametrize("flags, fast", [([], False), (["--fast"], True)])
+@pytest.mark.parametrize("flags, fast", [([], False), (["--fast"], True), (["--fast", "compiled"], True),
+                                         (["--fast", "frozen"], "frozen")])
 def test_sample_cli_passes_fast_to_generate(ckpt, tmp_path, monkeypatch, flags, fast):
     from models.fractalgen import FractalGen
     seen = []

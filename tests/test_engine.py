@@ -349,8 +349,8 @@ def test_compile_flag_trains_and_evaluates_with_compiled_blocks(run_main, tiny_d
     assert nll["images"] == 5 and 6 < nll["bpd"] < 10
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_generation_passes_fast_sampling_to_generate(fast):
+@pytest.mark.parametrize("flag, fast", [("off", False), ("compiled", True), ("frozen", "frozen"), (True, True)])
+def test_generation_passes_fast_sampling_to_generate(flag, fast):
     import engine_fractalgen
 
     class Recorder(torch.nn.Module):
@@ -371,8 +371,22 @@ def test_generation_passes_fast_sampling_to_generate(fast):
     import tempfile
     args = argparse.Namespace(device="cpu", seed=0, num_images=2, class_num=2, gen_bsz=2, precision="fp32",
                               num_iter_list=None, cfg=1.0, cfg_schedule="linear", temperature=1.0,
-                              filter_threshold=1e-4, fast_sampling=fast)
+                              filter_threshold=1e-4, fast_sampling=flag)
     model = Recorder()
     with tempfile.TemporaryDirectory() as folder:
         engine_fractalgen.generate_images(model, args, 0, folder, Bank())
     assert model.seen == [fast]
+
+
+@pytest.mark.parametrize("argv, value", [([], "off"), (["--fast_sampling"], "compiled"),
+                                         (["--fast_sampling", "frozen"], "frozen")])
+def test_fast_sampling_flag_values(argv, value):
+    from main_fractalgen import get_args_parser
+    assert get_args_parser().parse_args(argv).fast_sampling == value
+
+
+def test_fast_sampling_flag_rejects_other_values(capsys):
+    from main_fractalgen import get_args_parser
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--fast_sampling", "turbo"])
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err

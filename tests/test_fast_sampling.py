@@ -13,7 +13,10 @@ import torch
 from scipy.stats import ks_2samp
 
 from models import FractalGen
+from models import fractalgen as fractalgen_module
+from models import layers
 from models import mar as mar_module
+from models.ar import AR
 from models.layers import StaticKVCache, attend
 from models.pixelloss import PixelLoss, bucket_size
 from util.benchmark import native_bf16
@@ -86,9 +89,10 @@ def test_static_steps_sample_the_official_distribution(model_and_reference, monk
 
 
 @pytest.mark.slow
-def test_compiled_steps_sample_the_official_distribution(model_and_reference):
+@pytest.mark.parametrize("fast", [True, "frozen"])
+def test_compiled_steps_sample_the_official_distribution(model_and_reference, fast):
     model, reference = model_and_reference
-    compiled = image_statistics(model, True, seed=3)
+    compiled = image_statistics(model, fast, seed=3)
     assert min_ks_pvalue(reference, compiled) > P_SAME
 
 
@@ -200,3 +204,136 @@ def test_fast_flag_is_checked():
     model = tiny_model(("ar", "ar", "ar"))
     with pytest.raises(ValueError, match="fast must be"):
         model.generate([0], fast="yes", **SETTINGS)
+
+
+# ---------------------------------------------------------------- frozen weights
+def test_frozen_graphs_are_dropped_when_the_weights_change(monkeypatch):
+    """fast="frozen" graphs hold copies of the weights: an in-place update (an optimizer
+    step), load_state_dict or a move must drop them; unchanged weights must not."""
+    dropped = []
+    monkeypatch.setattr(torch._dynamo.eval_frame, "remove_from_cache", dropped.append)
+    monkeypatch.setattr(layers, "FROZEN_STEPS", [AR.decode_patch])
+    monkeypatch.setattr(layers, "_weights_seen", layers.weakref.WeakKeyDictionary())
+    model, other = tiny_model(("ar", "ar", "ar")), tiny_model(("ar", "ar", "ar"))
+    layers.forget_stale_steps(model)
+    layers.forget_stale_steps(other)
+    layers.forget_stale_steps(model)
+    assert dropped == []  # first sight and unchanged weights keep the graphs
+    with torch.no_grad():
+        model.generator.cond_emb.weight.add_(1.0)
+    layers.forget_stale_steps(other)
+    assert dropped == []  # the other model did not change
+    layers.forget_stale_steps(model)
+    assert dropped == [AR.decode_patch]
+    layers.forget_stale_steps(model)
+    assert dropped == [AR.decode_patch]  # once per change
+    model.load_state_dict(other.state_dict())
+    layers.forget_stale_steps(model)
+    assert len(dropped) == 2
+    model.float()  # a no-op conversion moves nothing
+    layers.forget_stale_steps(model)
+    assert len(dropped) == 2
+
+
+def test_frozen_sampling_checks_the_weights_once_per_call(monkeypatch):
+    """generate(fast="frozen") runs the check at the top level only, and the other modes
+    not at all (their graphs read the weights as inputs)."""
+    seen = []
+    monkeypatch.setattr(fractalgen_module, "forget_stale_steps", seen.append)
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic, frozen: fn)  # no compilation in the suite
+    model = tiny_model(("ar", "ar", "ar"))
+    model.generate([0, 1], fast="frozen", **SETTINGS)
+    assert seen == [model]
+    model.generate([0, 1], fast=True, **SETTINGS)
+    model.generate([0, 1], fast="eager", **SETTINGS)
+    assert seen == [model]
+
+
+def test_frozen_only_where_it_pays(monkeypatch):
+    """Frozen graphs are CPU code for small static steps: on another device, with dynamic
+    shapes (MAR levels) or above FROZEN_MAX_ROWS rows "frozen" compiles like fast=True."""
+    seen = []
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic, frozen: seen.append(frozen) or fn)
+    step, most = AR.decode_patch, layers.FROZEN_MAX_ROWS
+    layers.step_function(step, "frozen", device=torch.device("cpu"), rows=2)
+    layers.step_function(step, "frozen", device="cpu", rows=most)
+    layers.step_function(step, "frozen", device="cpu", rows=most + 1)
+    layers.step_function(step, "frozen", device="cpu", rows=2, dynamic=True)
+    layers.step_function(step, "frozen", device="cuda:0", rows=2)
+    layers.step_function(step, True, device="cpu", rows=2)
+    assert layers.step_function(step, "eager", rows=2) is step
+    assert seen == [True, True, False, False, False, False]
+
+
+@pytest.mark.slow
+def test_frozen_graphs_follow_changed_weights():
+    """Compiled with frozen weights, then the weights change in place: the next call must
+    sample with the new weights. With temperature 1e3 the draws are argmax draws, so the
+    frozen path and the eager static steps give the same pixels (up to near ties)."""
+    sharp = dict(SETTINGS, cfg=1.0, temperature=1e3)
+    model, other = tiny_model(("ar", "ar", "ar")), tiny_model(("ar", "ar", "ar"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    labels = torch.arange(16) % 4
+
+    def agree(a, b):
+        return (a == b).float().mean().item()
+    first = model.generate(labels, fast="frozen", **sharp)
+    assert agree(first, model.generate(labels, fast="eager", **sharp)) > 0.95
+    model.load_state_dict(other.state_dict())
+    new = model.generate(labels, fast="eager", **sharp)
+    assert agree(first, new) < 0.5  # the change is visible
+    assert agree(model.generate(labels, fast="frozen", **sharp), new) > 0.95
+
+
+def test_frozen_step_falls_back_when_it_cannot_compile(monkeypatch):
+    """Inductor's C++ GEMM has limits (NoValidChoicesError): such a step must run as with
+    fast=True, with one warning, and leave the freezing flag as it was."""
+    calls = []
+
+    def fake_compile(fn, dynamic=False, options=None):
+        if options is None:
+            return lambda *args: calls.append("plain") or fn(*args)
+
+        def frozen(*args):
+            calls.append(("frozen", torch._inductor.config.freezing))
+            raise RuntimeError("NoValidChoicesError: No choices to select\n(details)")
+        return frozen
+
+    def double(x):
+        return 2 * x
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(layers, "FROZEN_STEPS", [])
+    step = layers._compiled.__wrapped__(double, False, True)
+    with pytest.warns(UserWarning, match="could not be compiled with frozen weights.*No choices to select"):
+        assert step(3) == 6
+    assert step(4) == 8
+    assert calls == [("frozen", True), "plain", "plain"]  # tried once with freezing on, then plain
+    assert torch._inductor.config.freezing is False
+    assert layers.FROZEN_STEPS == [double]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_fused_pixel_steps_equal_the_separate_steps(cfg, monkeypatch):
+    """Above the pixel head the fast AR level fuses each draw with the next decode step.
+    Uncompiled, with rows that need no padding, that must give the separate steps' pixels
+    bit for bit (the same random numbers in the same order): a misplaced cache position or
+    condition would change them, which the KS test's per-image statistics may not see."""
+    from models import ar as ar_module
+    model = tiny_model(("ar", "ar", "ar"))
+    with torch.no_grad():  # pixels that depend on their conditions, not on the output biases
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(3)
+        for mlm in model.next_fractal.next_fractal.heads():
+            mlm.bias.zero_()
+    labels = torch.arange(4) % 4
+    settings = dict(SETTINGS, cfg=cfg)
+    torch.manual_seed(0)
+    fused = model.generate(labels, fast="eager", **settings)
+    monkeypatch.setattr(ar_module, "FUSE_PIXEL_STEPS", False)
+    torch.manual_seed(0)
+    separate = model.generate(labels, fast="eager", **settings)
+    assert torch.equal(fused, separate)

@@ -4,7 +4,7 @@
     python -m util.benchmark --configs bench64 --threads 2 --json bench.json
     python -m util.benchmark --device cuda                    # adds every official configuration
     python -m util.benchmark --precision fp32 bf16 --compile off on   # opt-in rows
-    python -m util.benchmark --phases sample --sample_batch 1 4 --fast off on   # the fast sampler
+    python -m util.benchmark --phases sample --sample_batch 1 4 --fast off on frozen   # the fast sampler
 
 Models get random weights (or --checkpoint), inputs are random images and labels, and
 every number comes after warm-up:
@@ -61,6 +61,8 @@ BENCH_SAMPLING = dict(num_iter_list=(16, 4), cfg=2.0, cfg_schedule="linear", tem
 OFFICIAL = ["fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
             "fractalmar_huge_in256"]
 DEFAULT_BATCH = {"cpu": dict(train=8, eval=16, sample=4), "cuda": dict(train=32, eval=64, sample=64)}
+FAST_ROWS = {"off": False, "on": True, "frozen": "frozen"}  # --fast choice -> generate(fast=...)
+FAST_LABELS = {False: "no", True: "yes", "frozen": "frz"}  # the table's fast column
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # rows of the table (fp16 autocast: CUDA only)
 
 
@@ -485,7 +487,7 @@ def benchmark_config(name, args, device, precision, compile_model, rate, fast=Fa
     if "sample" in phases:
         warmup = args.sample_warmup
         if warmup is None:
-            warmup = int(device.type == "cuda" or compile_model or fast)
+            warmup = int(device.type == "cuda" or compile_model or bool(fast))
         row["sample"] = bench_sample(model, batch["sample"], settings, device, precision, generator,
                                      warmup, count, fast)
     add_peak_fractions(row, rate)
@@ -505,7 +507,7 @@ def row_plan(args):
                     phases = [p for p in args.phases if p == "sample" or first]
                     first = False
                     if phases:
-                        plan.append((precision, compile_flag == "on", fast_flag == "on", sample_batch, phases))
+                        plan.append((precision, compile_flag == "on", FAST_ROWS[fast_flag], sample_batch, phases))
     return plan
 
 
@@ -566,7 +568,7 @@ def format_table(report):
         t, e, s = row.get("train", {}), row.get("eval", {}), row.get("sample", {})
         lines.append(
             f"{row['config']:<22} {row['precision']:<5} {'yes' if row['compile'] else 'no':<4} "
-            f"{'yes' if row.get('fast') else 'no':<4} "
+            f"{FAST_LABELS[row.get('fast', False)]:<4} "
             f"{fmt(t.get('images_per_s'), '.2f'):>11} {fmt_bytes(t.get('peak_mem_bytes')):>6} {pct(t):>4} "
             f"{fmt(e.get('images_per_s'), '.2f'):>10} {fmt_bytes(e.get('peak_mem_bytes')):>6} {pct(e):>4} "
             f"{fmt(s.get('batch'), 'd'):>5} "
@@ -615,8 +617,9 @@ def parse_args(argv=None):
                   "has native bf16, AVX512-BF16 or AMX; skipped elsewhere)")
     add_flag(p, "compile", nargs="+", default=["off"], choices=["off", "on"],
              help="one row per choice; on = torch.compile of every transformer block")
-    add_flag(p, "fast", nargs="+", default=["off"], choices=["off", "on"],
-             help="one row per choice; on = the fast sampler, generate(fast=True) (sampling only)")
+    add_flag(p, "fast", nargs="+", default=["off"], choices=["off", "on", "frozen"],
+             help="one row per choice (sampling only): on = the fast sampler, generate(fast=True); frozen = "
+                  "generate(fast='frozen'), weights frozen into the compiled graphs (CPU)")
     add_flag(p, "phases", nargs="+", default=["train", "eval", "sample"], choices=["train", "eval", "sample"])
     add_flag(p, "train_batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
     add_flag(p, "eval_batch", type=int, default=None, help="default 16 on CPU, 64 on CUDA")

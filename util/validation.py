@@ -116,3 +116,21 @@ def check_inception_weights(path=None):
     torch-fidelity's Inception-v3 (built on the CPU and dropped again, about a second)."""
     from util import fid
     fid.build_inception(torch.device("cpu"), path)
+
+
+# What the fast-sampler flags accept (demo/sample.py --fast, main_fractalgen.py
+# --fast_sampling, the benchmark's --fast) and the generate(fast=...) value each means.
+FAST_SAMPLERS = {"off": False, "compiled": True, "frozen": "frozen"}
+FAST_HELP = ("compiled: static-shape steps under torch.compile, cached on disk for the next run; frozen (CPU): "
+             "also the weights frozen into the graphs, faster once compiled but compiled in every process "
+             "(long jobs)")
+
+
+def fast_sampler(value):
+    """A --fast / --fast_sampling value (a name of FAST_SAMPLERS, or a bool as older
+    Namespaces hold it) -> the generate(fast=...) argument."""
+    if isinstance(value, bool):
+        return value
+    if value not in FAST_SAMPLERS:
+        raise UserInputError(f"the fast sampler must be one of {', '.join(FAST_SAMPLERS)}, got {value!r}")
+    return FAST_SAMPLERS[value]
