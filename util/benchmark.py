@@ -40,7 +40,7 @@ from models import (DEFAULT_SAMPLING, MAR, MODELS, CheckpointMismatchError, Frac
                     from_uint8)
 from util.checkpoint import load_checkpoint
 from util.misc import UserInputError, autocast, keep_freed_memory, one_line, synchronize
-from util.validation import check_device, finite_nonnegative, positive_int
+from util.validation import FAST_SAMPLERS, check_device, finite_nonnegative, positive_int
 
 # Reference configurations of the performance issue: the 64x64 architecture scaled down
 # so that CPU runs take seconds.
@@ -61,7 +61,7 @@ BENCH_SAMPLING = dict(num_iter_list=(16, 4), cfg=2.0, cfg_schedule="linear", tem
 OFFICIAL = ["fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
             "fractalmar_huge_in256"]
 DEFAULT_BATCH = {"cpu": dict(train=8, eval=16, sample=4), "cuda": dict(train=32, eval=64, sample=64)}
-FAST_ROWS = {"off": False, "on": True, "frozen": "frozen"}  # --fast choice -> generate(fast=...)
+FAST_ROWS = {**FAST_SAMPLERS, "on": True}  # --fast choice -> generate(fast=...); "on" is "compiled"
 FAST_LABELS = {False: "no", True: "yes", "frozen": "frz"}  # the table's fast column
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # rows of the table (fp16 autocast: CUDA only)
 
@@ -617,8 +617,8 @@ def parse_args(argv=None):
                   "has native bf16, AVX512-BF16 or AMX; skipped elsewhere)")
     add_flag(p, "compile", nargs="+", default=["off"], choices=["off", "on"],
              help="one row per choice; on = torch.compile of every transformer block")
-    add_flag(p, "fast", nargs="+", default=["off"], choices=["off", "on", "frozen"],
-             help="one row per choice (sampling only): on = the fast sampler, generate(fast=True); frozen = "
+    add_flag(p, "fast", nargs="+", default=["off"], choices=list(FAST_ROWS),
+             help="one row per choice (sampling only): on (or compiled) = the fast sampler, generate(fast=True); frozen = "
                   "generate(fast='frozen'), weights frozen into the compiled graphs (CPU)")
     add_flag(p, "phases", nargs="+", default=["train", "eval", "sample"], choices=["train", "eval", "sample"])
     add_flag(p, "train_batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
