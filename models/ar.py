@@ -259,8 +259,8 @@ class AR(nn.Module):
             step = step_function(AR.decode_patch, fast, device=cond.device, rows=rows)
         else:
             fused = step_function(AR.draw_and_decode, fast, device=cond.device, rows=rows)
-        # tensors, not floats: a float argument would be a constant of the compiled graph
-        temperature_t = torch.tensor(float(temperature), device=cond.device)
+            # tensors, not floats: a float argument would be a constant of the compiled graph
+            temperature_t = torch.tensor(float(temperature), device=cond.device)
         h = prefill(self, x, positions[:1], buffers)[:, 0]
         for i in range(L):
             cfg_iter = 1 + (cfg - 1) * (i + 1) / L if cfg_schedule == "linear" else cfg

@@ -233,7 +233,8 @@ def weights_stamp(module):
 def forget_stale_steps(model):
     """Drop every frozen step graph when the weights of `model` changed since its graphs
     were built (the graphs hold copies): the next steps recompile from the current
-    weights, from inductor's disk cache where it can. Called once per sampling call."""
+    weights (frozen graphs are not on disk, so this costs a full compile). Called once
+    per sampling call."""
     stamp = weights_stamp(model)
     seen = _weights_seen.get(model)
     if seen is not None and seen != stamp:
