@@ -21,13 +21,19 @@ from torch.nn.parallel import DistributedDataParallel
 import util.misc as misc
 from engine_fractalgen import (STEP_TAGS, NonFiniteLossError, TrainingStopped, evaluate_gen, evaluate_nll,
                                step_axis, train_one_epoch)
-from models import MODELS, CheckpointMismatchError, create_model
+from models import CONFIGS, CheckpointMismatchError, create_model
+from models.config import config_name
+from models.loading import CONFIG, checkpoint_config
 from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid, logs, preempt, validation
 from util.misc import UserInputError, print0
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MODEL = "fractalmar_in64"
+# the official training recipe's values of these FractalGen keywords, where neither a flag
+# nor the configuration record sets them
+TRAINING_DEFAULTS = dict(label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1, r_weight=5.0)
 
 
 def get_args_parser():
@@ -60,17 +66,21 @@ def get_args_parser():
              "alone it means compiled. " + validation.FAST_HELP)
 
     # model
-    add("--model", default="fractalmar_in64", choices=sorted(MODELS), metavar="MODEL",
-        help=f"one of: {', '.join(MODELS)}")
+    add("--model", default=None, metavar="MODEL",
+        help=f"a model name ({', '.join(CONFIGS)}) or a JSON configuration file of FractalGen keywords "
+             f"(docs/your-own-data.md); default: the checkpoint's configuration when resuming, else {DEFAULT_MODEL}")
     add("--img_size", default=None, type=int, help="image size; default: the model's (must match it)")
     add("--num_conds", default=None, type=int, help="conditions per MAR level; default: the model's")
     add("--guiding_pixel", default=None, action="store_true", help="use guiding pixels; default: the model's")
     add("--no_guiding_pixel", dest="guiding_pixel", action="store_false")
-    add("--grad_checkpointing", action="store_true")
-    add("--attn_dropout", default=0.1, type=float)
-    add("--proj_dropout", default=0.1, type=float)
-    add("--label_drop_prob", default=0.1, type=float, help="class-label dropout for classifier-free guidance")
-    add("--r_weight", default=5.0, type=float, help="loss weight of the red channel in the pixel head")
+    add("--grad_checkpointing", default=None, action="store_true",
+        help="recompute activations in backward (less memory); default: the configuration's, else off")
+    add("--attn_dropout", default=None, type=float, help="default: the configuration's, else 0.1")
+    add("--proj_dropout", default=None, type=float, help="default: the configuration's, else 0.1")
+    add("--label_drop_prob", default=None, type=float,
+        help="class-label dropout for classifier-free guidance; default: the configuration's, else 0.1")
+    add("--r_weight", default=None, type=float,
+        help="loss weight of the first (red) channel in the pixel head; default: the configuration's, else 5.0")
 
     # optimiser
     add("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
@@ -170,30 +180,52 @@ def check_long_run_args(args):
                              f"got {args.requeue_exit_code}")
 
 
-def model_kwargs(args):
-    kwargs = dict(label_drop_prob=args.label_drop_prob, class_num=args.class_num or 1,
-                  attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, r_weight=args.r_weight,
-                  grad_checkpointing=args.grad_checkpointing)
-    # given explicitly, these override the factory's architecture defaults
-    if args.num_conds is not None:
-        kwargs["num_conds"] = args.num_conds
-    if args.guiding_pixel is not None:
-        kwargs["guiding_pixel"] = args.guiding_pixel
+def resolve_config(args, ckpt, path):
+    """The configuration record to build without --model: the resumed checkpoint's own
+    (main_fractalgen.py stores it, so the JSON file it came from may be gone; an official
+    file names its model in its args or folder), else DEFAULT_MODEL's. Sets args.model."""
+    if ckpt is not None:
+        record, name = checkpoint_config(ckpt, path)
+        args.model = getattr(ckpt.get("args"), "model", None) or name
+        print0(f"model: the configuration stored in {path} ({name})" if ckpt.get(CONFIG) is not None else
+               f"model: {args.model} (named by {path})")
+        return record
+    args.model = DEFAULT_MODEL
+    return validation.check_model(args.model)
+
+
+def model_kwargs(args, record):
+    """FractalGen keywords given by flags (overriding the record's) and the official recipe's
+    training values where neither sets them; the values used are written back to args."""
+    kwargs = {k: v for k, v in TRAINING_DEFAULTS.items() if k not in record}
+    kwargs.update({k: getattr(args, k) for k in TRAINING_DEFAULTS if getattr(args, k) is not None})
+    kwargs["class_num"] = args.class_num or 1
+    # given explicitly, these override the record's architecture entries
+    for name in ("num_conds", "guiding_pixel", "grad_checkpointing"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    for name in TRAINING_DEFAULTS:
+        setattr(args, name, kwargs.get(name, record.get(name)))
     return kwargs
 
 
-def build_model(args):
+def build_model(args, record=None):
+    """The model of `record` (default: --model's) with the flags' keywords."""
+    if record is None:
+        record = validation.check_model(args.model or DEFAULT_MODEL)
     try:
-        return create_model(args.model, **model_kwargs(args))
+        model = create_model(record, **model_kwargs(args, record))
     except ValueError as e:
         raise UserInputError(f"cannot build --model {args.model}: {e}") from None
+    model.model_name = config_name(args.model)
+    return model
 
 
-def check_img_size(args):
+def check_img_size(args, record=None):
     """--img_size must be the model's; without it, take the model's. The model is probed on
     the meta device (no memory, no time)."""
     with torch.device("meta"):
-        native = build_model(args).img_size
+        native = build_model(args, record).img_size
     if args.img_size is None:
         args.img_size = native
     elif args.img_size != native:
@@ -210,7 +242,7 @@ def find_resume_checkpoint(args, training):
     if not args.resume:
         if not training:
             raise UserInputError("evaluation needs weights: pass --resume with the folder that holds "
-                                 f"{ckpt_util.CHECKPOINT_NAME} (e.g. pretrained_models/{args.model})")
+                                 f"{ckpt_util.CHECKPOINT_NAME} (e.g. pretrained_models/{args.model or DEFAULT_MODEL})")
         return None
     path = ckpt_util.checkpoint_path(args.resume)
     if os.path.isfile(path) or ckpt_util.previous_path(path):  # load_latest_checkpoint picks
@@ -259,10 +291,10 @@ def check_generation(args, model):
                              f"{len(args.num_iter_list)} entries but --model {args.model} has {levels} "
                              f"generator levels; give one per level")
     args.fid_stats_path = args.fid_stats_path or fid.default_stats_path(args.img_size)
-    validation.check_fid_stats(args.fid_stats_path)
+    fid.load_stats(args.fid_stats_path)
     if args.inception_weights is None:  # a download into the cache: once, by rank 0
         rank0_first(fid.inception_weights_file, "download the Inception weights", torch.device(args.device))
-    validation.check_inception_weights(args.inception_weights)
+    fid.check_inception_weights(args.inception_weights)
     if args.num_images < 2:
         raise UserInputError(f"--num_images {args.num_images}: FID needs at least 2 images")
     if args.prc_ref_dir is not None:
@@ -401,7 +433,8 @@ class Checkpoints:
             train_state.update(world_size=misc.get_world_size(), batch_size=self.args.batch_size)
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "epoch": epoch_done, "scaler": self.scaler.state_dict(),
-                     "args": argparse.Namespace(**vars(self.args)), "train_state": train_state}
+                     "args": argparse.Namespace(**vars(self.args)), "train_state": train_state,
+                     CONFIG: self.model.config}
             start = time.perf_counter()
             self.writer.save(state, self.path)
             print0(f"saved {self.path} ({where}; training paused {time.perf_counter() - start:.2f} s)")
@@ -528,7 +561,9 @@ def run(args, device, held):
     if args.threads is not None:
         torch.set_num_threads(validation.positive_int("--threads", args.threads))
     args.precision = misc.resolve_precision(args.precision, device)
-    check_img_size(args)
+    record = validation.check_model(args.model) if args.model is not None else None
+    if record is not None:
+        check_img_size(args, record)
 
     # inputs: data folders, checkpoint, model -- all checked before anything is written
     if training:
@@ -537,16 +572,19 @@ def run(args, device, held):
         data_util.split_dir(args.data_path, "val")
     path = find_resume_checkpoint(args, training)
     ckpt, path = ckpt_util.load_latest_checkpoint(path, use_previous=training) if path else (None, None)
+    if record is None:
+        record = resolve_config(args, ckpt, path)
+        check_img_size(args, record)
     dataset_train = (data_util.build_dataset(args.data_path, "train", args.img_size, True, seed=args.seed)
                      if training else None)
     dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
     resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
     if generating:
         with torch.device("meta"):  # the architecture only: no memory, no time
-            architecture = build_model(args)
+            architecture = build_model(args, record)
         check_generation(args, architecture)
     misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(args)
+    model = build_model(args, record)
     if ckpt is not None:
         load_model_state(model, ckpt, path, args)
     model.to(device)
@@ -557,7 +595,7 @@ def run(args, device, held):
     loaders = build_loaders(args, dataset_train, dataset_val)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
+    print0(f"model {model.model_name}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
            f"{args.class_num} classes; device {device}, precision {args.precision}, "
            f"{misc.get_world_size()} process(es)")
     steps_per_epoch = len(loaders["train"]) if training else None

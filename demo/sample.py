@@ -9,7 +9,8 @@
 
 --ckpt takes a checkpoint file, a folder holding checkpoint-last.pth (official or ours), or
 the name of an official model (add --download to fetch it); models.load_model builds the
-model. Sampling options left unset take the settings stored with the checkpoint (the quick
+model from the checkpoint alone (the configuration record it stores; official files name
+their model). Sampling options left unset take the settings stored with the checkpoint (the quick
 start stores its own), else the model's DEFAULT_SAMPLING. Every flag is checked before the
 checkpoint is read; a bad one stops with one line and nothing written.
 """
@@ -24,13 +25,14 @@ import torch
 if __package__ in (None, ""):  # run as `python demo/sample.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import MODELS, load_model  # noqa: E402
-from util.download import DownloadError  # noqa: E402
+from models import load_model  # noqa: E402
+from models.loading import resolve_checkpoint  # noqa: E402
+from models.zoo import DownloadError  # noqa: E402
 from util.masks import TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
-from util.validation import (FAST_HELP, FAST_SAMPLERS, check_device, check_sampling_args, fast_sampler,  # noqa: E402
-                             parse_num_iter_list, positive_int)
+from util.validation import (FAST_HELP, FAST_SAMPLERS, check_device, check_model, check_sampling_args,  # noqa: E402
+                             fast_sampler, parse_num_iter_list, positive_int)
 from util.visualize import (auto_scale, image_format, load_image, make_grid, open_image, save_gif,  # noqa: E402
                             save_grid, show_known)
 
@@ -67,6 +69,8 @@ def check_flags(args):
                              f"got {args.mask_frac}")
     num_iter_list = parse_num_iter_list(args.num_iter_list)
     check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
+    if args.model is not None:
+        check_model(args.model)
     device = check_device(args.device)
     if args.scale is not None:
         positive_int("--scale", args.scale)
@@ -122,7 +126,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
                                             "or inpaint/outpaint/uncrop/edit an image).")
     p.add_argument("--ckpt", required=True, help="checkpoint file, folder with checkpoint-last.pth, or an official model name")
-    p.add_argument("--model", default=None, choices=list(MODELS), help="architecture (default: from the checkpoint)")
+    p.add_argument("--model", default=None,
+                   help="architecture: a model name or a JSON configuration file, for a checkpoint that does not "
+                        "say (default: the checkpoint's own configuration, else its args or folder name)")
     p.add_argument("--download", action="store_true", help="fetch an official checkpoint named by --ckpt if missing")
     p.add_argument("--labels", nargs="+", default=["0"], help="class labels, e.g. 207 360 or 207,360")
     p.add_argument("--num_per_label", type=int, default=1, help="samples per label (one grid row per label)")
@@ -186,7 +192,8 @@ def run(args):
     labels, num_iter_list, device = check_flags(args)
     precision = sampling_precision(device, args.precision)
     picture = open_image(args.input) if args.input else None
-    model = load_model(args.ckpt, args.model, device, download=args.download)
+    path = resolve_checkpoint(args.ckpt, download=args.download, progress_bar=progress_bar)
+    model = load_model(path, args.model, device)
     check_against_model(model, labels, num_iter_list)
     if args.compile:
         model.compile_blocks()

@@ -10,15 +10,14 @@ import torch
 import torch.nn as nn
 
 from .ar import AR, ARBlock
+from .checks import NUM_LEVEL0_CONDS, SAMPLING_KEYS, check_architecture
 from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps
 from .mar import MAR
 from .pixelloss import PixelLoss
 
 GENERATORS = {"ar": AR, "mar": MAR}
-SAMPLING_KEYS = ("num_iter_list", "cfg", "cfg_schedule", "temperature", "filter_threshold")
 # the official sample() defaults, used where neither the caller nor the model says otherwise
 API_SAMPLING = dict(cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
-NUM_LEVEL0_CONDS = 5  # level 0 hands five references to the class embedding to its generator
 MAX_DEFAULT_ITERS = 64
 
 
@@ -33,12 +32,21 @@ class FractalGen(nn.Module):
                  grad_checkpointing=False, fractal_level=0):
         super().__init__()
         if fractal_level == 0:
-            validate_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
-                            generator_type_list, num_conds, guiding_pixel, class_num)
+            # the configuration record: every keyword but fractal_level, as plain JSON types
+            keywords = dict(img_size_list=img_size_list, embed_dim_list=embed_dim_list,
+                            num_blocks_list=num_blocks_list, num_heads_list=num_heads_list,
+                            generator_type_list=generator_type_list, label_drop_prob=label_drop_prob,
+                            class_num=class_num, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
+                            guiding_pixel=guiding_pixel, num_conds=num_conds, r_weight=r_weight,
+                            grad_checkpointing=grad_checkpointing)
+            check_architecture(keywords)
+            self._keywords = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in keywords.items()}
         self.fractal_level = fractal_level
-        # set by create_model / models.load_model: the configuration's name and the sampling
-        # settings generate() uses for arguments it is not given (None: the official API's)
+        # set by models.create_model / models.load_model: the configuration's name, the
+        # default sampling settings its record holds, and the sampling settings generate()
+        # uses for arguments it is not given (None: the official API's)
         self.model_name = None
+        self.record_sampling = None
         self.sampling_defaults = None
         self.num_fractal_levels = len(img_size_list)
         self.img_size_list = tuple(img_size_list)
@@ -97,6 +105,18 @@ class FractalGen(nn.Module):
         while isinstance(level, FractalGen):
             yield level
             level = level.next_fractal
+
+    @property
+    def config(self):
+        """The configuration record of this model: a plain, JSON-able dict of every
+        constructor keyword (lists for the per-level ones), plus 'sampling', the default
+        sampling settings of the record it was built from, where it has them.
+        `models.create_model(model.config)` builds the same architecture; checkpoints store
+        this dict under 'config'."""
+        record = {k: list(v) if isinstance(v, list) else v for k, v in self._keywords.items()}
+        if self.record_sampling:
+            record["sampling"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.record_sampling.items()}
+        return record
 
     def default_num_iter_list(self):
         return tuple(min(level.generator.seq_len, MAX_DEFAULT_ITERS) for level in self.levels())
@@ -304,43 +324,6 @@ def prepare_known(known, known_mask, batch, size, device):
     return from_uint8(known.expand(batch, -1, -1, -1)), mask.contiguous()
 
 
-def validate_config(img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
-                    generator_type_list, num_conds, guiding_pixel, class_num):
-    """Reject a configuration the architecture cannot run, before building anything."""
-    n = len(img_size_list)
-    lists = dict(embed_dim_list=embed_dim_list, num_blocks_list=num_blocks_list,
-                 num_heads_list=num_heads_list, generator_type_list=generator_type_list)
-    for name, values in lists.items():
-        if len(values) != n:
-            raise ValueError(f"{name} has {len(values)} entries but img_size_list has {n}; give one per level")
-    if n < 2:
-        raise ValueError("img_size_list needs at least two levels, e.g. (64, 4, 1)")
-    if img_size_list[-1] != 1:
-        raise ValueError(f"the last entry of img_size_list must be 1 (the pixel level), got {img_size_list[-1]}")
-    for size, sub in zip(img_size_list, img_size_list[1:]):
-        if size % sub:
-            raise ValueError(f"img_size_list {list(img_size_list)}: {size} is not divisible by {sub}")
-    for L, kind in enumerate(generator_type_list[:-1]):
-        if kind not in GENERATORS:
-            raise ValueError(f"generator type {kind!r} at level {L} is unknown; choose 'ar' or 'mar'")
-        if embed_dim_list[L] % num_heads_list[L]:
-            raise ValueError(f"embed_dim_list[{L}]={embed_dim_list[L]} is not divisible by num_heads_list[{L}]={num_heads_list[L]}")
-        if kind == "ar" and (embed_dim_list[L] // num_heads_list[L]) % 4:
-            raise ValueError(f"AR level {L} needs a head size divisible by 4 for its 2-D rotary embedding; "
-                             f"{embed_dim_list[L]}/{num_heads_list[L]} is not")
-        if kind == "ar" and guiding_pixel and L > 0:
-            raise ValueError(f"guiding_pixel is only supported by MAR levels; level {L} is AR")
-        if L > 0 and kind == "mar" and generator_type_list[L - 1] == "ar" and num_conds > 1:
-            raise ValueError(f"a MAR level with num_conds={num_conds} cannot sit below an AR level (level "
-                             f"{L - 1} hands down one condition); use num_conds=1 or make level {L - 1} MAR")
-    if not 1 <= num_conds <= NUM_LEVEL0_CONDS:
-        raise ValueError(f"num_conds must be between 1 and {NUM_LEVEL0_CONDS}, got {num_conds}")
-    if embed_dim_list[-1] % num_heads_list[-1]:
-        raise ValueError(f"the pixel head width {embed_dim_list[-1]} is not divisible by {num_heads_list[-1]} heads")
-    if class_num < 1:
-        raise ValueError(f"class_num must be positive, got {class_num}")
-
-
 def check_state_dict(model, state_dict):
     """Raise CheckpointMismatchError listing what differs between a state_dict and the model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -367,92 +350,3 @@ def check_state_dict(model, state_dict):
         "checkpoint does not match this model configuration (was it saved from another --model, "
         "img_size, class_num, num_conds or guiding_pixel? models.load_model(path) reads them from the "
         "checkpoint): " + "; ".join(parts))
-
-
-# ---------------------------------------------------------------------- named configurations
-def fractalar_in64(**kwargs):
-    kwargs.setdefault("num_conds", 1)
-    kwargs.setdefault("guiding_pixel", False)
-    return FractalGen(img_size_list=(64, 4, 1), embed_dim_list=(1024, 512, 128), num_blocks_list=(32, 8, 3),
-                      num_heads_list=(16, 8, 4), generator_type_list=("ar", "ar", "ar"), **kwargs)
-
-
-def fractalmar_in64(**kwargs):
-    kwargs.setdefault("num_conds", 5)
-    kwargs.setdefault("guiding_pixel", False)
-    return FractalGen(img_size_list=(64, 4, 1), embed_dim_list=(1024, 512, 128), num_blocks_list=(32, 8, 3),
-                      num_heads_list=(16, 8, 4), generator_type_list=("mar", "mar", "ar"), **kwargs)
-
-
-def _fractalmar_in256(embed_dim_list, num_blocks_list, num_heads_list, **kwargs):
-    """The 256x256 FractalMAR family: three MAR levels (256 -> 16 -> 4 -> 1) with guiding pixels."""
-    kwargs.setdefault("num_conds", 5)
-    kwargs.setdefault("guiding_pixel", True)
-    return FractalGen(img_size_list=(256, 16, 4, 1), embed_dim_list=embed_dim_list,
-                      num_blocks_list=num_blocks_list, num_heads_list=num_heads_list,
-                      generator_type_list=("mar", "mar", "mar", "ar"), **kwargs)
-
-
-def fractalmar_base_in256(**kwargs):
-    return _fractalmar_in256((768, 384, 192, 64), (24, 6, 3, 1), (12, 6, 3, 4), **kwargs)
-
-
-def fractalmar_large_in256(**kwargs):
-    return _fractalmar_in256((1024, 512, 256, 64), (32, 8, 4, 1), (16, 8, 4, 4), **kwargs)
-
-
-def fractalmar_huge_in256(**kwargs):
-    return _fractalmar_in256((1280, 640, 320, 64), (40, 10, 5, 1), (16, 8, 4, 4), **kwargs)
-
-
-def _tiny(generator_type_list, **kwargs):
-    config = dict(img_size_list=(16, 4, 1), embed_dim_list=(64, 32, 16), num_blocks_list=(2, 1, 1),
-                  num_heads_list=(4, 2, 2), generator_type_list=generator_type_list)
-    config.update(kwargs)
-    return FractalGen(**config)
-
-
-def fractalar_tiny(**kwargs):
-    """A ~0.2M-parameter AR model for 16x16 images: CPU experiments and tests."""
-    kwargs.setdefault("num_conds", 1)
-    return _tiny(("ar", "ar", "ar"), **kwargs)
-
-
-def fractalmar_tiny(**kwargs):
-    """A ~0.15M-parameter MAR model for 16x16 images: CPU experiments and tests."""
-    kwargs.setdefault("num_conds", 5)
-    return _tiny(("mar", "mar", "ar"), **kwargs)
-
-
-MODELS = {
-    "fractalar_in64": fractalar_in64,
-    "fractalmar_in64": fractalmar_in64,
-    "fractalmar_base_in256": fractalmar_base_in256,
-    "fractalmar_large_in256": fractalmar_large_in256,
-    "fractalmar_huge_in256": fractalmar_huge_in256,
-    "fractalar_tiny": fractalar_tiny,
-    "fractalmar_tiny": fractalmar_tiny,
-}
-
-# Sampling settings of the official evaluation commands (FID-50K in the official README).
-DEFAULT_SAMPLING = {
-    "fractalar_in64": dict(num_iter_list=(64, 16), cfg=11.0, cfg_schedule="linear", temperature=1.03, filter_threshold=1e-4),
-    "fractalmar_in64": dict(num_iter_list=(64, 16), cfg=6.5, cfg_schedule="linear", temperature=1.02, filter_threshold=1e-4),
-    "fractalmar_base_in256": dict(num_iter_list=(64, 16, 16), cfg=29.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
-    "fractalmar_large_in256": dict(num_iter_list=(64, 16, 16), cfg=21.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
-    "fractalmar_huge_in256": dict(num_iter_list=(64, 16, 16), cfg=19.0, cfg_schedule="linear", temperature=1.1, filter_threshold=1e-4),
-    # no official numbers: what the quick start's briefly trained models sample best with (a
-    # small model spreads some probability over wrong colours; sharper logits and mild
-    # guidance remove it)
-    "fractalar_tiny": dict(num_iter_list=(16, 16), cfg=2.0, cfg_schedule="linear", temperature=2.0, filter_threshold=1e-4),
-    "fractalmar_tiny": dict(num_iter_list=(16, 16), cfg=2.0, cfg_schedule="linear", temperature=2.0, filter_threshold=1e-4),
-}
-
-
-def create_model(name, **kwargs):
-    """Build a named configuration; unknown names raise with the list of choices."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    model = MODELS[name](**kwargs)
-    model.model_name = name
-    return model

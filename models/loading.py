@@ -5,30 +5,85 @@
 
 It takes an official checkpoint (a file, its folder, or the model's name; `download=True`
 fetches a missing one), a checkpoint main_fractalgen.py wrote, or the quick start's. The
-file is read with `torch.load(weights_only=True)` (util.checkpoint). The architecture comes
-from `model=`, else the checkpoint's 'args', else the folder name
-(pretrained_models/<name>/); class_num is read from the class embedding, and the weights
+file is read with `torch.load(weights_only=True)` (`load_checkpoint`). The architecture is
+the checkpoint's own configuration record (its 'config' entry, which main_fractalgen.py
+writes), so no other file is needed; an official checkpoint has none, and then it comes
+from `model=` (a name or a JSON file), else the checkpoint's 'args', else the folder name
+(pretrained_models/<name>/), with class_num read from the class embedding. The weights
 load strictly.
 
-Sampling settings: a checkpoint may store the ones that suit it under 'sampling' (the quick
-start does); otherwise the model's DEFAULT_SAMPLING apply. They become the defaults of
-`model.generate` (see FractalGen.sampling_config).
+Sampling settings: the record's own ('sampling', e.g. a named model's DEFAULT_SAMPLING),
+overridden by those a checkpoint stores under 'sampling' (the quick start does). They
+become the defaults of `model.generate` (see FractalGen.sampling_config).
 """
 import argparse
 import os
+import pickle
+import re
 
-from util.checkpoint import CHECKPOINT_NAME, checkpoint_class_num, load_checkpoint
-from util.download import PRETRAINED_URLS, download_pretrained
-from util.misc import UserInputError
-from util.validation import check_sampling_args, parse_num_iter_list
+import torch
 
-from .fractalgen import DEFAULT_SAMPLING, MODELS, SAMPLING_KEYS, create_model
+from .checks import check_sampling
+from .config import CONFIGS, SAMPLING, build, check_config, config_name, get_config, is_config_file
+from .errors import UserInputError
+from .zoo import CHECKPOINT_NAME, PRETRAINED_URLS, download_pretrained
 
-# 'args' entries of a training checkpoint that shape the architecture besides the model
+CONFIG = "config"  # the checkpoint key of the configuration record
+SAFE_GLOBALS = [argparse.Namespace]  # official checkpoints store their flags as a Namespace
+# 'args' entries of an official checkpoint that shape the architecture besides the model
 # name (dropout, learning rate and paths do not matter for sampling)
 ARCH_ARGS = ("num_conds", "guiding_pixel")
 
 
+# ---------------------------------------------------------------------- safe loading
+def safe_load(path, what, allowed=()):
+    """torch.load(path, weights_only=True) on the CPU, allowing only tensors, plain
+    containers and the classes in `allowed`. A missing, corrupt or unsafe file raises
+    UserInputError with one sentence; `what` names the file in it (e.g. "checkpoint")."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{what} {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest weights_only=False: never pass that advice on
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        culprit = f" (it references {found.group(1)})" if found else ""
+        kinds = ", ".join(["tensors", "plain containers", *(f"{c.__module__}.{c.__qualname__}" for c in allowed)])
+        raise UserInputError(f"refusing to load {what} {path}: it holds objects other than {kinds}{culprit}, "
+                             f"which could run code when unpickled; use a file that holds only those") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        text = str(e).strip()
+        raise UserInputError(f"cannot read {what} {path} (truncated or not a PyTorch file?): "
+                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict on the CPU with weights_only=True (argparse.Namespace
+    allowed). Raises UserInputError with one sentence for a missing, corrupt or unsafe file."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"no checkpoint at {path}; pass --resume with the folder that holds "
+                             f"{CHECKPOINT_NAME} (or the file itself)")
+    ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "
+                             f"entry holding the state_dict")
+    return ckpt
+
+
+def checkpoint_class_num(ckpt):
+    """Number of classes of the model in a checkpoint (rows of the class embedding), or None."""
+    weight = ckpt["model"].get("class_emb.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def checkpoint_args(ckpt):
+    """The checkpoint's 'args' (an argparse.Namespace in official and our files) as a dict."""
+    args = ckpt.get("args") or {}
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+
+
+# ---------------------------------------------------------------------- finding the file
 def official_target(path_or_name, root="pretrained_models"):
     """(model name, checkpoint path) when `path_or_name` names an official model -- the bare
     name, its folder (pretrained_models/fractalmar_in64) or the file in it; else (None, None)."""
@@ -43,14 +98,15 @@ def official_target(path_or_name, root="pretrained_models"):
     return None, None
 
 
-def resolve_checkpoint(path_or_name, download=False, root="pretrained_models"):
+def resolve_checkpoint(path_or_name, download=False, root="pretrained_models", **download_kwargs):
     """File, folder or official model name -> path of an existing checkpoint file. A missing
-    official checkpoint is downloaded when `download`, else the error says how to get it."""
+    official checkpoint is downloaded when `download` (download_kwargs go to
+    models.zoo.download_pretrained, e.g. progress_bar), else the error says how to get it."""
     path = os.fspath(path_or_name)
     file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
     if os.path.isfile(file):
         return file
-    if path in MODELS and os.path.isfile(os.path.join(root, path, CHECKPOINT_NAME)):  # a name: root/<name>/
+    if path in CONFIGS and os.path.isfile(os.path.join(root, path, CHECKPOINT_NAME)):  # a name: root/<name>/
         return os.path.join(root, path, CHECKPOINT_NAME)
     name, target = official_target(path, root)
     if name is None:
@@ -59,61 +115,68 @@ def resolve_checkpoint(path_or_name, download=False, root="pretrained_models"):
     if not download:
         raise UserInputError(f"{target} is not there yet; add --download (download=True in Python) or run "
                              f"`python util/download.py --model {name}`")
-    return download_pretrained(name, os.path.dirname(os.path.dirname(target)))
+    return download_pretrained(name, os.path.dirname(os.path.dirname(target)), **download_kwargs)
 
 
-def checkpoint_args(ckpt):
-    """The checkpoint's 'args' (an argparse.Namespace in official and our files) as a dict."""
-    args = ckpt.get("args") or {}
-    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-
-
+# ---------------------------------------------------------------------- the configuration
 def infer_model_name(path, args, model=None):
     """`model`, else the checkpoint's args.model, else the folder name."""
     name = model or args.get("model") or os.path.basename(os.path.dirname(os.path.abspath(path)))
-    if name not in MODELS:
+    if name not in CONFIGS and not is_config_file(name):
         raise UserInputError(f"cannot tell the architecture of {path} (got {name!r}); pass --model "
-                             f"(model= in Python) with one of {', '.join(MODELS)}")
+                             f"(model= in Python) with one of {', '.join(CONFIGS)} or a JSON configuration file")
     return name
 
 
-def checkpoint_sampling(ckpt, name, path):
-    """The model's DEFAULT_SAMPLING, overridden by the settings stored with the checkpoint
-    (validated: a file is data from outside)."""
-    settings = dict(DEFAULT_SAMPLING.get(name, {}))
-    stored = ckpt.get("sampling") or {}
-    if not isinstance(stored, dict) or set(stored) - set(SAMPLING_KEYS):
-        raise UserInputError(f"{path}: its 'sampling' entry must be a dict of {', '.join(SAMPLING_KEYS)}")
-    settings.update({k: v for k, v in stored.items() if v is not None})
-    check_sampling_args(settings.get("temperature"), settings.get("cfg"), settings.get("filter_threshold"),
-                        prefix=f"{path}: sampling ")
-    if settings.get("num_iter_list") is not None:
-        settings["num_iter_list"] = parse_num_iter_list(tuple(settings["num_iter_list"]),
-                                                        flag=f"{path}: sampling num_iter_list")
-    return settings
+def checkpoint_config(ckpt, path, model=None):
+    """(record, name) of the model a checkpoint holds.
+
+    model (a name of CONFIGS or a JSON file) when given; else the checkpoint's own
+    'config' record; else (official files) the name from its args or folder, with the
+    architecture flags its args hold and class_num from the class embedding. A stored
+    record and stored sampling settings are data from outside: checked like a JSON file."""
+    args = checkpoint_args(ckpt)
+    given_by = args.get("model")
+    if model is None and ckpt.get(CONFIG) is not None:
+        record = check_config(ckpt[CONFIG], f"{path}: its '{CONFIG}' entry: ")
+        name = config_name(given_by) if isinstance(given_by, str) and given_by else \
+            os.path.basename(os.path.dirname(os.path.abspath(path)))
+    else:
+        name = infer_model_name(path, args, model)
+        overrides = {k: args[k] for k in ARCH_ARGS if args.get(k) is not None}
+        class_num = checkpoint_class_num(ckpt)
+        if class_num is not None:
+            overrides["class_num"] = class_num
+        record = get_config(name, **overrides)
+        name = config_name(name)
+    stored = ckpt.get(SAMPLING)
+    if stored is not None:
+        levels = len(record["img_size_list"]) - 1
+        sampling = {**record.get(SAMPLING, {}), **check_sampling(stored, f"{path}: its '{SAMPLING}' entry: ", levels)}
+        record = {**record, SAMPLING: sampling}
+    return record, name
 
 
 def load_model(path_or_name, model=None, device="cpu", download=False, root="pretrained_models"):
     """Build the model a checkpoint holds and load its weights strictly.
 
     path_or_name: a checkpoint file, a folder holding checkpoint-last.pth, or an official
-    model name (looked up in `root`; fetched there when `download`). model: the
-    configuration name, when neither the checkpoint's args nor the folder tell it.
-    Returns the FractalGen in eval mode on `device`, with `model_name` and
-    `sampling_defaults` set. Bad input raises UserInputError (util.download.DownloadError
-    for a failed download) with one sentence."""
+    model name (looked up in `root`; fetched there when `download`). model: a name of
+    models.CONFIGS or a JSON configuration file, for a checkpoint that does not say (or to
+    override what it says). Returns the FractalGen in eval mode on `device`, with
+    `model_name`, `config` and `sampling_defaults` (the record's sampling settings,
+    overridden by the checkpoint's 'sampling') set. Bad input raises UserInputError
+    (models.zoo.DownloadError for a failed download) with one sentence."""
     path = resolve_checkpoint(path_or_name, download=download, root=root)
     ckpt = load_checkpoint(path)
-    args = checkpoint_args(ckpt)
-    name = infer_model_name(path, args, model)
-    kwargs = {k: args[k] for k in ARCH_ARGS if args.get(k) is not None}
-    class_num = checkpoint_class_num(ckpt)
-    if class_num is not None:
-        kwargs["class_num"] = class_num
+    record, name = checkpoint_config(ckpt, path, model)
     try:
-        net = create_model(name, **kwargs)
+        net = build(record, name)
         net.load_state_dict(ckpt["model"], strict=True)
-    except ValueError as e:  # a CheckpointMismatchError, or arguments the factory rejects
+    except ValueError as e:  # a CheckpointMismatchError
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
-    net.sampling_defaults = checkpoint_sampling(ckpt, name, path)
+    sampling = dict(record.get(SAMPLING) or {})
+    if "num_iter_list" in sampling:
+        sampling["num_iter_list"] = tuple(sampling["num_iter_list"])
+    net.sampling_defaults = sampling
     return net.to(device).eval()

@@ -144,7 +144,7 @@ def test_train_with_online_eval_then_nll_and_generation(run_main, tiny_data, fid
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["fid"]) and stats["inception_score"] > 1 - 1e-9
     assert not [d for d in os.listdir(out) if d.startswith("tmp-")], "online eval must delete its images"
     ckpt = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
-    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "train_state"}  # official + ours
+    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "train_state", "config"}  # official + ours
     assert ckpt["train_state"]["epoch"] == 1 and ckpt["train_state"]["step"] == 0
     assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], argparse.Namespace)
     assert ckpt["optimizer"]["state"][0]["step"] == 3

@@ -197,7 +197,7 @@ def test_batch_choice_and_extrapolation():
 
 def test_model_config_records_the_factory_keywords():
     config = gpu_check.model_config("fractalmar_huge_in256", class_num=7)
-    assert config["embed_dim_list"] == (1280, 640, 320, 64) and config["guiding_pixel"] is True
+    assert config["embed_dim_list"] == [1280, 640, 320, 64] and config["guiding_pixel"] is True
     assert config["num_conds"] == 5 and config["class_num"] == 7
 
 

@@ -380,8 +380,8 @@ def test_ar_above_multi_condition_mar_is_rejected():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(embed_dim_list=(32, 16)), "embed_dim_list has 2 entries"),
-    (dict(img_size_list=(8, 3, 1)), "8 is not divisible by 3"),
-    (dict(generator_type_list=("gan", "ar", "ar")), "generator type 'gan'"),
+    (dict(img_size_list=(8, 3, 1)), r"img_size_list\[1\]=3 does not divide img_size_list\[0\]=8"),
+    (dict(generator_type_list=("gan", "ar", "ar")), "generator_type_list\\[0\\] 'gan' is not a generator type"),
     (dict(generator_type_list=("ar", "ar", "ar"), num_conds=1, num_heads_list=(16, 2, 2)), "divisible by 4"),
     (dict(guiding_pixel=True, generator_type_list=("mar", "ar", "ar")), "guiding_pixel is only supported by MAR"),
 ])

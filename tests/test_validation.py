@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from util import validation
+from util import fid, validation
 from util.misc import UserInputError
 
 
@@ -55,22 +55,22 @@ def test_devices():
 
 
 def test_fid_files_are_loaded_and_checked(tmp_path, fid_stats, inception_weights):
-    mu, sigma = validation.check_fid_stats(fid_stats)
+    mu, sigma = fid.load_stats(fid_stats)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.dtype == np.float64
     np.savez(tmp_path / "inf.npz", mu=np.full(2048, np.inf), sigma=np.eye(2048))
     with pytest.raises(UserInputError, match=r"inf\.npz: mu or sigma holds NaN or infinite values"):
-        validation.check_fid_stats(str(tmp_path / "inf.npz"))
+        fid.load_stats(str(tmp_path / "inf.npz"))
     np.savez(tmp_path / "objects.npz", mu=np.array([object()] * 3), sigma=np.eye(3))
     with pytest.raises(UserInputError, match=r"cannot read FID statistics .*objects\.npz"):
-        validation.check_fid_stats(str(tmp_path / "objects.npz"))
+        fid.load_stats(str(tmp_path / "objects.npz"))
 
-    validation.check_inception_weights(inception_weights)  # the right file passes
+    fid.check_inception_weights(inception_weights)  # the right file passes
     state = torch.load(inception_weights, weights_only=True)
     del state["Mixed_7c.branch_pool.conv.weight"]
     torch.save(state, tmp_path / "missing-key.pth")
     with pytest.raises(UserInputError, match=r"missing-key\.pth does not fit torch-fidelity's Inception-v3 "
                                              r"\(Missing key\(s\).*Mixed_7c\.branch_pool\.conv\.weight"):
-        validation.check_inception_weights(str(tmp_path / "missing-key.pth"))
+        fid.check_inception_weights(str(tmp_path / "missing-key.pth"))
     (tmp_path / "cut.pth").write_bytes(open(inception_weights, "rb").read()[:1000])
     with pytest.raises(UserInputError, match=r"cannot read Inception weights .*cut\.pth"):
-        validation.check_inception_weights(str(tmp_path / "cut.pth"))
+        fid.check_inception_weights(str(tmp_path / "cut.pth"))

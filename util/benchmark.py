@@ -36,14 +36,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from models import (DEFAULT_SAMPLING, MAR, MODELS, CheckpointMismatchError, FractalGen, create_model, fixed_masking,
-                    from_uint8)
+from models import CONFIGS, DEFAULT_SAMPLING, MAR, CheckpointMismatchError, create_model, fixed_masking, from_uint8
+from models.config import is_config_file
 from util.checkpoint import load_checkpoint
 from util.misc import UserInputError, autocast, keep_freed_memory, one_line, synchronize
-from util.validation import FAST_SAMPLERS, check_device, finite_nonnegative, positive_int
+from util.validation import FAST_SAMPLERS, check_device, check_model, finite_nonnegative, positive_int
 
-# Reference configurations of the performance issue: the 64x64 architecture scaled down
-# so that CPU runs take seconds.
+# Reference configurations of the performance issue (configuration records, like
+# models.CONFIGS): the 64x64 architecture scaled down so that CPU runs take seconds.
 BENCH_CONFIGS = {
     "bench64": dict(img_size_list=(64, 4, 1), embed_dim_list=(256, 128, 64), num_blocks_list=(4, 2, 1),
                     num_heads_list=(4, 4, 2), generator_type_list=("mar", "mar", "ar"), num_conds=5,
@@ -67,16 +67,22 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # rows of the tabl
 
 
 # ---------------------------------------------------------------------- model and data
-def build_model(name, device, checkpoint=None):
-    """A named configuration (BENCH_CONFIGS or models.MODELS) with random weights, or the
-    weights of `checkpoint` (a checkpoint file with a 'model' entry, official or ours,
-    read with weights_only=True by util.checkpoint)."""
+def check_config_name(name):
+    """A --configs entry: a name of BENCH_CONFIGS or models.CONFIGS, or a JSON configuration file."""
     if name in BENCH_CONFIGS:
-        model = FractalGen(**BENCH_CONFIGS[name])
-    elif name in MODELS:
-        model = create_model(name)
-    else:
-        raise UserInputError(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+        return
+    if name not in CONFIGS and not is_config_file(name):
+        raise UserInputError(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *CONFIGS])} "
+                             f"or pass a JSON configuration file")
+    check_model(name, flag="--configs")
+
+
+def build_model(name, device, checkpoint=None):
+    """A configuration (a name of BENCH_CONFIGS or models.CONFIGS, or a JSON file) with
+    random weights, or the weights of `checkpoint` (a checkpoint file with a 'model' entry,
+    official or ours, read with weights_only=True by util.checkpoint)."""
+    check_config_name(name)
+    model = create_model(BENCH_CONFIGS.get(name, name))
     if checkpoint:
         state = load_checkpoint(checkpoint)["model"]
         try:
@@ -86,8 +92,20 @@ def build_model(name, device, checkpoint=None):
     return model.to(device)
 
 
-def sampling_settings(name, num_iter=None, cfg=None):
-    settings = dict(DEFAULT_SAMPLING.get(name, BENCH_SAMPLING)) if name in OFFICIAL else dict(BENCH_SAMPLING)
+def sampling_settings(name, num_iter=None, cfg=None, model=None):
+    """The official settings of an official configuration, the record's own of a JSON file
+    that has them, else BENCH_SAMPLING (with the model's default iterations when its
+    level count differs)."""
+    record_sampling = getattr(model, "record_sampling", None) if is_config_file(name) else None
+    if name in OFFICIAL:
+        settings = dict(DEFAULT_SAMPLING[name])
+    elif record_sampling:
+        settings = {**BENCH_SAMPLING, **record_sampling}
+    else:
+        settings = dict(BENCH_SAMPLING)
+    if model is not None and len(settings["num_iter_list"]) != model.num_fractal_levels - 1:
+        settings["num_iter_list"] = model.default_num_iter_list()
+    settings["num_iter_list"] = tuple(settings["num_iter_list"])
     if num_iter is not None:
         settings["num_iter_list"] = tuple(num_iter)
     if cfg is not None:
@@ -468,7 +486,7 @@ def benchmark_config(name, args, device, precision, compile_model, rate, fast=Fa
         if getattr(args, f"{phase}_batch") is not None:
             batch[phase] = getattr(args, f"{phase}_batch")
     batch["sample"] = sample_batch or batch["sample"]
-    settings = sampling_settings(name, args.num_iter, args.cfg)
+    settings = sampling_settings(name, args.num_iter, args.cfg, model)
     generator = torch.Generator().manual_seed(args.seed)
     if compile_model:
         model.compile_blocks()
@@ -608,7 +626,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(p, "configs", nargs="+", default=None,
-             help=f"names from {', '.join([*BENCH_CONFIGS, *MODELS])} "
+             help=f"names from {', '.join([*BENCH_CONFIGS, *CONFIGS])}, or JSON configuration files "
                   "(default: bench64 bench64ar, plus every official configuration on CUDA)")
     add_flag(p, "device", default="cpu", help="cpu, cuda or cuda:N")
     add_flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -648,8 +666,7 @@ def check_args(args):
     """Every flag checked before any model is built; raises UserInputError."""
     device = check_device(args.device)
     for name in args.configs or []:
-        if name not in BENCH_CONFIGS and name not in MODELS:
-            raise UserInputError(f"unknown config {name!r}; choose from {', '.join([*BENCH_CONFIGS, *MODELS])}")
+        check_config_name(name)
     for flag in ("threads", "train_batch", "eval_batch", "steps"):
         if getattr(args, flag) is not None:
             positive_int(f"--{flag}", getattr(args, flag))

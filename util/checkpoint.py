@@ -8,27 +8,25 @@ Writing goes to `<name>.tmp` in the same folder, is fsynced, and only then renam
 old checkpoint, which first becomes `checkpoint-prev.pth`: a crash mid-write leaves the
 previous checkpoint intact, a checkpoint damaged later is not the only copy, and the temp
 name is the same for every save, so a later save overwrites what a killed one left behind
-(`remove_stale_temp_files` clears it at start). Loading uses `torch.load(weights_only=True)`,
+(`remove_stale_temp_files` clears it at start). Loading (`load_checkpoint`, from
+models.loading: models.load_model reads checkpoints too) uses `torch.load(weights_only=True)`,
 which refuses arbitrary pickled code; argparse.Namespace is the only class allowed besides
 tensors and plain containers.
 """
-import argparse
 import glob
 import os
-import pickle
-import re
 import threading
 
 import torch
 
 import util.misc as misc
+from models.loading import (CHECKPOINT_NAME, SAFE_GLOBALS, checkpoint_class_num, load_checkpoint,  # noqa: F401
+                            safe_load)
 from util import preempt
 from util.misc import UserInputError, writing
 
-CHECKPOINT_NAME = "checkpoint-last.pth"
 PREVIOUS_NAME = "checkpoint-prev.pth"
 TEMP_SUFFIX = ".tmp"
-SAFE_GLOBALS = [argparse.Namespace]
 
 
 def checkpoint_path(folder_or_file):
@@ -139,41 +137,6 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def safe_load(path, what, allowed=()):
-    """torch.load(path, weights_only=True) on the CPU, allowing only tensors, plain
-    containers and the classes in `allowed`. A missing, corrupt or unsafe file raises
-    UserInputError with one sentence; `what` names the file in it (e.g. "checkpoint")."""
-    if not os.path.isfile(path):
-        raise UserInputError(f"{what} {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message goes on to suggest weights_only=False: never pass that advice on
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        culprit = f" (it references {found.group(1)})" if found else ""
-        kinds = ", ".join(["tensors", "plain containers", *(f"{c.__module__}.{c.__qualname__}" for c in allowed)])
-        raise UserInputError(f"refusing to load {what} {path}: it holds objects other than {kinds}{culprit}, "
-                             f"which could run code when unpickled; use a file that holds only those") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        text = str(e).strip()
-        raise UserInputError(f"cannot read {what} {path} (truncated or not a PyTorch file?): "
-                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
-
-
-def load_checkpoint(path):
-    """Load a checkpoint dict on the CPU with weights_only=True (argparse.Namespace
-    allowed). Raises UserInputError with one sentence for a missing, corrupt or unsafe file."""
-    if not os.path.isfile(path):
-        raise UserInputError(f"no checkpoint at {path}; pass --resume with the folder that holds "
-                             f"{CHECKPOINT_NAME} (or the file itself)")
-    ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "
-                             f"entry holding the state_dict")
-    return ckpt
-
-
 def previous_path(path):
     """checkpoint-prev.pth beside `path`, when `path` is a checkpoint-last.pth and it exists."""
     if os.path.basename(path) != CHECKPOINT_NAME:
@@ -197,12 +160,6 @@ def load_latest_checkpoint(path, use_previous):
                                  f"pass --resume {prev} to use it") from None
         misc.print0(f"warning: {misc.one_line(e)}; resuming from the previous checkpoint {prev} instead")
         return load_checkpoint(prev), prev
-
-
-def checkpoint_class_num(ckpt):
-    """Number of classes of the model in a checkpoint (rows of the class embedding), or None."""
-    weight = ckpt["model"].get("class_emb.weight")
-    return int(weight.shape[0]) if weight is not None else None
 
 
 def checkpoint_model_name(ckpt):

@@ -115,6 +115,13 @@ def load_inception_state(weights_path=None):
     return state
 
 
+def check_inception_weights(path=None):
+    """Load the Inception weights (`path`, or None: torch-fidelity's file, downloaded once
+    into the torch hub cache) with weights_only=True and check every key and shape against
+    torch-fidelity's Inception-v3 (built on the CPU and dropped again, about a second)."""
+    build_inception(torch.device("cpu"), path)
+
+
 def build_inception(device, weights_path=None):
     """torch-fidelity's Inception-v3 on `device`, producing pool features and logits.
     weights_path: a local copy of the weights (offline machines, tests); None downloads

@@ -45,13 +45,11 @@ import types
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
-import models.fractalgen as fractalgen_module
-from models import DEFAULT_SAMPLING, MODELS, FractalGen, create_model, fixed_masking, from_uint8, to_uint8
+from models import DEFAULT_SAMPLING, FractalGen, create_model, fixed_masking, from_uint8, get_config, to_uint8
 from util.benchmark import PeakMemory, Sections, instrument_levels, level_flops, matmul_rate, random_batch
 from util.benchmark import machine_info as benchmark_machine_info
 from util.misc import UserInputError, autocast, one_line, replacing, synchronize
@@ -170,10 +168,9 @@ def machine_info(device):
 
 # ---------------------------------------------------------------------- models
 def model_config(name, **kwargs):
-    """The FractalGen keywords the factory `name` builds with (the factory is called with
-    FractalGen replaced by a recorder): the official FractalGen takes the same keywords."""
-    with mock.patch.object(fractalgen_module, "FractalGen", lambda **config: config):
-        return MODELS[name](**kwargs)
+    """The FractalGen keywords of the configuration `name` (its record, models.get_config,
+    without the sampling settings): the official FractalGen takes the same keywords."""
+    return {k: v for k, v in get_config(name, **kwargs).items() if k != "sampling"}
 
 
 def build_ours(name, device, seed=0, **kwargs):

@@ -18,17 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.errors import UserInputError
+from util.validation import check_device
+
 # Default of --dist_timeout (minutes): how long a rank waits in a collective for the others
 # before the job ends. The longest legitimate one-sided wait is a few minutes (rank 0 alone
 # writing a checkpoint or computing FID statistics); a stalled node should not hold the
 # whole job for hours.
 DIST_TIMEOUT_MINUTES = 10
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class UserInputError(ValueError):
-    """Bad input from the user (flags, data, checkpoint): the message is one sentence naming
-    the problem and the fix, shown without a traceback."""
 
 
 class OutputWriteError(UserInputError):
@@ -150,7 +148,6 @@ def _launch_env(args):
 def resolve_device(requested, local_rank):
     """--device (None: CUDA when present, else CPU) -> torch.device; every process of a
     multi-GPU launch takes the GPU of its local rank."""
-    from util.validation import check_device  # util.validation imports this module
     device = check_device(requested)
     if device.type == "cuda":
         if device.index is None:
