@@ -69,6 +69,19 @@ def fid_stats(tiny_data, inception_weights, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def imagenet_tiny_ckpt(tmp_path_factory):
+    """A checkpoint of fractalar_tiny with the 1,000 ImageNet classes (random weights, seed 0):
+    the web demo names its classes."""
+    import argparse
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model("fractalar_tiny", class_num=1000)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalar_tiny")}, path)
+    return str(path)
+
+
 @pytest.fixture
 def one_thread():
     """CPU tests run one intra-op thread: on a busy 2-core machine more threads thrash."""

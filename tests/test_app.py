@@ -1,6 +1,5 @@
 """demo/app.py without a browser: uploads, painted masks, the sampling worker, the page's
 wiring. tests/test_app_browser.py drives the same page in Chromium."""
-import argparse
 import threading
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from PIL import Image
 
 from demo import app
-from models import create_model, load_model
+from models import create_model
 from util.masks import make_mask
 from util.misc import UserInputError
 from util.visualize import make_grid
@@ -18,13 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(imagenet_tiny_ckpt):
     """Random fractalar_tiny weights with the 1,000 ImageNet classes (names on the page)."""
-    torch.manual_seed(0)
-    model = create_model("fractalar_tiny", class_num=1000)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth"
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalar_tiny")}, path)
-    return str(path)
+    return imagenet_tiny_ckpt
 
 
 @pytest.fixture(scope="module")

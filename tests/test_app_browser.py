@@ -8,7 +8,6 @@ and selenium (requirements.txt). Without the browser it skips, saying how to get
 (CI=true, as root, apt-get present) it installs the two packages first. Set
 FRACTALGEN_SCREENSHOTS=DIR to keep its screenshots.
 """
-import argparse
 import io
 import os
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import create_model, load_model
+from models import load_model
 from util.visualize import make_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,13 +72,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """Random fractalar_tiny weights with the 1,000 ImageNet classes, so the page names them."""
-    torch.manual_seed(0)
-    model = create_model("fractalar_tiny", class_num=1000)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth"
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="fractalar_tiny")}, path)
-    return str(path)
+def ckpt(imagenet_tiny_ckpt):
+    """Random fractalar_tiny weights with the 1,000 ImageNet classes (names on the page)."""
+    return imagenet_tiny_ckpt
 
 
 @pytest.fixture(scope="module")
