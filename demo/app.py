@@ -37,8 +37,7 @@ if __package__ in (None, ""):  # run as `python demo/app.py`: make the repo impo
 
 from demo.sample import sampling_precision  # noqa: E402
 from models import load_model  # noqa: E402
-from util.checkpoint import CHECKPOINT_NAME  # noqa: E402
-from util.download import DownloadError  # noqa: E402
+from models.zoo import CHECKPOINT_NAME, DownloadError  # noqa: E402
 from util.masks import SIDES, TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.validation import check_device, check_sampling_args, parse_num_iter_list, positive_int  # noqa: E402
