@@ -34,6 +34,8 @@ DEFAULT_MODEL = "fractalmar_in64"
 # the official training recipe's values of these FractalGen keywords, where neither a flag
 # nor the configuration record sets them
 TRAINING_DEFAULTS = dict(label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1, r_weight=5.0)
+# stored with the checkpoints of one-class (unconditional) models: sampling without guidance
+UNCONDITIONAL_SAMPLING = {"cfg": 1.0}
 
 
 def get_args_parser():
@@ -267,7 +269,9 @@ def resolve_class_num(args, dataset, ckpt, training):
     where = dataset.root
     if training and data_classes != args.class_num:
         source = "the checkpoint" if ckpt_classes == args.class_num else "--class_num"
-        raise UserInputError(f"{where} has {data_classes} class folders but {source} says {args.class_num} "
+        held = ("holds images without class folders (one class)" if getattr(dataset, "unlabelled", False)
+                else f"has {data_classes} class folders")
+        raise UserInputError(f"{where} {held} but {source} says {args.class_num} "
                              f"classes; make them agree (drop --class_num to take it from the data)")
     if data_classes > args.class_num:
         raise UserInputError(f"{where} has {data_classes} class folders, more than the model's "
@@ -388,7 +392,8 @@ class Checkpoints:
     clock; its vote rides on the step's all-reduce, see train_one_epoch), and on a stop
     request. Rank 0 writes checkpoint-last.pth (the one before becomes checkpoint-prev.pth),
     one write at a time. A checkpoint is the official dict plus 'train_state': the position
-    (epoch, steps done), the epoch's meter sums and the batch layout."""
+    (epoch, steps done), the epoch's meter sums and the batch layout; for a one-class model
+    also 'sampling' (cfg 1: no guidance)."""
 
     def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None):
         self.model, self.optimizer, self.scaler, self.args = model, optimizer, scaler, args
@@ -435,6 +440,8 @@ class Checkpoints:
                      "epoch": epoch_done, "scaler": self.scaler.state_dict(),
                      "args": argparse.Namespace(**vars(self.args)), "train_state": train_state,
                      CONFIG: self.model.config}
+            if self.args.class_num == 1:  # one class: guidance has nothing to steer towards
+                state["sampling"] = dict(UNCONDITIONAL_SAMPLING)
             start = time.perf_counter()
             self.writer.save(state, self.path)
             print0(f"saved {self.path} ({where}; training paused {time.perf_counter() - start:.2f} s)")
@@ -578,6 +585,9 @@ def run(args, device, held):
     dataset_train = (data_util.build_dataset(args.data_path, "train", args.img_size, True, seed=args.seed)
                      if training else None)
     dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
+    for dataset in (dataset_train, dataset_val):
+        if getattr(dataset, "unlabelled", False):
+            print0(data_util.describe_split(dataset.root))
     resolve_class_num(args, dataset_train if training else dataset_val, ckpt, training)
     if generating:
         with torch.device("meta"):  # the architecture only: no memory, no time
@@ -595,8 +605,9 @@ def run(args, device, held):
     loaders = build_loaders(args, dataset_train, dataset_val)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    classes = f"{args.class_num} classes" if args.class_num > 1 else "1 class (unconditional)"
     print0(f"model {model.model_name}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
-           f"{args.class_num} classes; device {device}, precision {args.precision}, "
+           f"{classes}; device {device}, precision {args.precision}, "
            f"{misc.get_world_size()} process(es)")
     steps_per_epoch = len(loaders["train"]) if training else None
     log_writer = held["log_writer"] = open_outputs(args, ckpt, training, steps_per_epoch)

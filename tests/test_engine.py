@@ -204,9 +204,10 @@ def _make_bad_data(kind, root):
         os.makedirs(root)
     elif kind == "no_val":
         write_imagefolder(os.path.join(root, "train"), (2, 2), seed=0)
-    elif kind == "no_class_folders":
+    elif kind == "no_class_folders":  # nor images: loose images would be one class (tests/test_unlabelled.py)
         os.makedirs(os.path.join(root, "train"))
-        Image.new("RGB", (16, 16)).save(os.path.join(root, "train", "loose.png"))
+        with open(os.path.join(root, "train", "notes.txt"), "w") as f:
+            f.write("not an image")
     elif kind == "empty_class":
         write_imagefolder(os.path.join(root, "train"), (2, 2), seed=0)
         os.makedirs(os.path.join(root, "train", "class9"))
@@ -221,7 +222,7 @@ BAD_DATA = {
     "missing": ([], r"--data_path '.*nowhere' is not a folder"),
     "empty": ([], r"train does not exist; --data_path needs a train/ folder"),
     "no_val": (["--evaluate_nll"], r"val does not exist"),
-    "no_class_folders": ([], r"train holds no class folders"),
+    "no_class_folders": ([], r"train holds no class folders and no images"),
     "empty_class": ([], r"Found no valid file for the classes class9"),
     "unreadable": (["--num_workers", 1, "--batch_size", 9], r"cannot read image .*class1/broken\.png"),
 }

@@ -6,7 +6,9 @@
 Every file that torchvision's ImageFolder would load (its image extensions) is opened,
 fully decoded and converted to RGB by the loader training uses (util.data.load_rgb), in
 parallel worker processes. Each unreadable file is listed with the reason; the exit code
-is 1 when there is any, 0 when every image reads, 2 for a bad folder.
+is 1 when there is any, 0 when every image reads, 2 for a bad folder (also a split that
+mixes loose images with class folders). Each split is described first as training sees
+it: its class folders, or images without class folders (one class, unconditional).
 
 Training itself meets an unreadable image only when a DataLoader worker reaches it, which
 can be hours into an epoch; this scan costs one full decode per image, spread over the cores.
@@ -20,7 +22,7 @@ import time
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from util.data import load_rgb
+from util.data import describe_split, load_rgb
 from util.misc import UserInputError, progress
 from util.validation import positive_int
 
@@ -36,6 +38,14 @@ def image_files(folder):
     if not files:
         raise UserInputError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
     return files
+
+
+def describe_layout(folder):
+    """What training will make of `folder`: one line per split (DATA/train, DATA/val, or
+    the folder itself when it has neither), as training says it. A split that mixes loose
+    images with class folders raises UserInputError."""
+    splits = [os.path.join(folder, name) for name in ("train", "val") if os.path.isdir(os.path.join(folder, name))]
+    return [describe_split(split) for split in splits or [folder]]
 
 
 def check_image(path):
@@ -73,9 +83,12 @@ def main(argv=None):
     try:
         workers = positive_int("--workers", args.workers)
         files = image_files(args.folder)
+        layout = describe_layout(args.folder)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in layout:
+        print(line)
     start = time.perf_counter()
     bad = scan(files, min(workers, len(files)))
     for path in sorted(bad):

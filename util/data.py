@@ -6,7 +6,10 @@ Layout (ImageNet's, and any dataset of your own):
     DATA_PATH/val/<class name>/<image>.{png,jpg,...}
 
 Classes are the sub-folders in sorted order (torchvision's ImageFolder), so label k is
-the k-th folder name.
+the k-th folder name. A split that holds its images directly, without class folders
+(FFHQ, LSUN, most in-house data), is one class: every image has label 0, and the model
+trained on it is unconditional. A split that mixes loose images with class folders is
+refused.
 """
 import functools
 import os
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from models.layers import PIXEL_MEAN, PIXEL_STD
 from util.crop import center_crop_arr
@@ -57,6 +61,7 @@ class KeyedFlips(torch.utils.data.Dataset):
     def __init__(self, images, seed):
         self.images, self.seed = images, seed
         self.root, self.classes = images.root, images.classes
+        self.unlabelled = getattr(images, "unlabelled", False)
 
     def __len__(self):
         return len(self.images)
@@ -89,26 +94,71 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def split_dir(data_path, split):
-    """DATA_PATH/split, checked to exist and hold at least one class folder."""
+    """DATA_PATH/split, checked to exist and to hold class folders or images (not both)."""
     if not data_path or not os.path.isdir(data_path):
         raise UserInputError(f"--data_path {data_path!r} is not a folder; point it at a dataset with "
-                             f"train/ and val/ sub-folders of class folders")
+                             f"train/ and val/ sub-folders of class folders (or of images, for one class)")
     folder = os.path.join(data_path, split)
     if not os.path.isdir(folder):
         raise UserInputError(f"{folder} does not exist; --data_path needs a {split}/ folder with one "
-                             f"sub-folder of images per class")
-    if not any(entry.is_dir() for entry in os.scandir(folder)):
-        raise UserInputError(f"{folder} holds no class folders; put the images in one sub-folder per "
-                             f"class, e.g. {os.path.join(folder, 'cat', '0001.png')}")
+                             f"sub-folder of images per class (or the images themselves, for one class)")
+    is_unlabelled(folder)
     return folder
+
+
+def is_unlabelled(folder):
+    """Whether `folder` (a split) holds its images directly: True for loose images (one
+    class), False for class folders. Hidden folders (.ipynb_checkpoints) and files that are
+    not images are not looked at; a mix of loose images and class folders, or neither,
+    raises UserInputError."""
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    images = [e.name for e in entries if not e.is_dir() and e.name.lower().endswith(IMG_EXTENSIONS)]
+    if classes and images:
+        raise UserInputError(f"{folder} mixes {len(images)} loose image(s) (e.g. {images[0]}) with {len(classes)} "
+                             f"class folder(s) (e.g. {classes[0]}/); put every image in a class folder, or move "
+                             f"the class folders' images up into {folder} to train one class without labels")
+    if not (classes or images):
+        raise UserInputError(f"{folder} holds no class folders and no images; put the images in one sub-folder "
+                             f"per class, e.g. {os.path.join(folder, 'cat', '0001.png')}, or directly in "
+                             f"{folder} to train one class without labels")
+    return bool(images)
+
+
+def describe_split(folder):
+    """One line on what a split folder holds, the same in training and util.check_data:
+    its class folders, or images without them (one class: an unconditional model)."""
+    if is_unlabelled(folder):
+        count = len(UnlabelledFolder.make_dataset(folder))
+        return (f"{folder} holds {count} images without class folders: one class, no labels (an unconditional "
+                f"model; sampling without guidance, cfg 1)")
+    classes = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    return f"{folder} holds {len(classes)} class folders"
+
+
+UNLABELLED_CLASS = "(unlabelled)"  # the class name of a split without class folders
+
+
+class UnlabelledFolder(datasets.ImageFolder):
+    """The images directly inside `root` (no class folders), as one class: label 0."""
+    unlabelled = True
+
+    def find_classes(self, directory):
+        return [UNLABELLED_CLASS], {UNLABELLED_CLASS: 0}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx=None, extensions=None, is_valid_file=None, allow_empty=False):
+        return [(entry.path, 0) for entry in sorted(os.scandir(directory), key=lambda entry: entry.name)
+                if not entry.is_dir() and entry.name.lower().endswith(IMG_EXTENSIONS)]
 
 
 def build_dataset(data_path, split, img_size, train, seed=0):
     """ImageFolder over DATA_PATH/split with the evaluation transform; for training wrapped
     in KeyedFlips (random flips drawn from `seed`, read with ResumableSampler's keys)."""
     folder = split_dir(data_path, split)
+    kind = UnlabelledFolder if is_unlabelled(folder) else datasets.ImageFolder
     try:
-        dataset = datasets.ImageFolder(folder, transform=build_transform(img_size), loader=load_rgb)
+        dataset = kind(folder, transform=build_transform(img_size), loader=load_rgb)
     except FileNotFoundError as e:  # ImageFolder: a class folder without any image
         raise UserInputError(f"{folder}: {str(e).rstrip('.')}; every class folder needs at least one image") from None
     return KeyedFlips(dataset, seed) if train else dataset

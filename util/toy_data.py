@@ -4,9 +4,11 @@ Each class is one coloured shape (red circle, green square, ...) on a random dar
 background, with a little jitter in position, size and colour, so classes are easy to tell
 apart by eye and a tiny model learns them in minutes on a CPU. The dataset is written as
 an ImageFolder tree (root/train/<class>/*.png, root/val/<class>/*.png) that the real
-training script reads like ImageNet.
+training script reads like ImageNet; with `unlabelled` the same shapes lie directly in
+root/train and root/val, without class folders (one class: an unconditional model).
 
     python -m util.toy_data --root quickstart_out/data
+    python -m util.toy_data --root shapes_unlabelled --unlabelled
 """
 import argparse
 import json
@@ -87,18 +89,22 @@ def render(class_idx, rng, size=16):
     return img
 
 
-def make_split(root, split, per_class, num_classes, size, seed):
-    """Write root/split/<class>/<index>.png; deterministic in (seed, split)."""
+def make_split(root, split, per_class, num_classes, size, seed, unlabelled=False):
+    """Write root/split/<class>/<index>.png (unlabelled: root/split/<class>_<index>.png, the
+    same images); deterministic in (seed, split)."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
     for c in range(num_classes):
-        folder = os.path.join(root, split, CLASSES[c][0])
+        folder = os.path.join(root, split) if unlabelled else os.path.join(root, split, CLASSES[c][0])
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(render(c, rng, size)).save(os.path.join(folder, f"{i:05d}.png"))
+            name = f"{c}_{i:05d}.png" if unlabelled else f"{i:05d}.png"
+            Image.fromarray(render(c, rng, size)).save(os.path.join(folder, name))
 
 
-def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class=50, size=16, seed=0):
-    """Write the ImageFolder dataset under `root` (train/ and val/) and return `root`.
+def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class=50, size=16, seed=0,
+                 unlabelled=False):
+    """Write the ImageFolder dataset under `root` (train/ and val/) and return `root`;
+    `unlabelled` writes the images without class folders.
 
     A dataset already written with the same settings is reused; different settings
     replace it.
@@ -109,6 +115,8 @@ def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class
         raise ValueError(f"size must be at least 8 pixels to draw recognisable shapes, got {size}")
     config = dict(num_classes=num_classes, num_train_per_class=num_train_per_class,
                   num_val_per_class=num_val_per_class, size=size, seed=seed, version=2)
+    if unlabelled:  # only then: datasets written before keep their config (and are reused)
+        config["unlabelled"] = True
     config_path = os.path.join(root, CONFIG_FILE)
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -116,8 +124,8 @@ def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class
                 return root
     for split in ("train", "val"):
         shutil.rmtree(os.path.join(root, split), ignore_errors=True)
-    make_split(root, "train", num_train_per_class, num_classes, size, seed)
-    make_split(root, "val", num_val_per_class, num_classes, size, seed)
+    make_split(root, "train", num_train_per_class, num_classes, size, seed, unlabelled)
+    make_split(root, "val", num_val_per_class, num_classes, size, seed, unlabelled)
     with open(config_path, "w") as f:  # written last: marks the dataset complete
         json.dump(config, f)
     return root
@@ -131,10 +139,13 @@ def main(argv=None):
     parser.add_argument("--num_val_per_class", type=int, default=50)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="the images directly in train/ and val/, without class folders (one class)")
     args = parser.parse_args(argv)
     make_dataset(args.root, args.num_classes, args.num_train_per_class, args.num_val_per_class,
-                 args.size, args.seed)
-    print(f"wrote {args.root}/train and {args.root}/val ({', '.join(class_names(args.num_classes))})")
+                 args.size, args.seed, args.unlabelled)
+    layout = ", without class folders" if args.unlabelled else ""
+    print(f"wrote {args.root}/train and {args.root}/val ({', '.join(class_names(args.num_classes))}{layout})")
 
 
 if __name__ == "__main__":
