@@ -46,7 +46,7 @@ def step_axis(epoch, step, steps):
 
 
 def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writer=None, start_step=0,
-                    checkpoints=None):
+                    checkpoints=None, ema=None):
     """One pass over `data_loader` (a ResumableSampler shard per rank), from `start_step`
     (its sampler already skips the steps before).
 
@@ -59,7 +59,8 @@ def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writ
     checkpoints (optional) decides about step-level checkpoints and stops: its `flags()`
     (stop requested here, time-based save due here) ride on the step's loss all-reduce, and
     `save(epoch, step, steps, meters)` writes the state after `step` steps. A stop raises
-    TrainingStopped once that checkpoint is written. Returns the epoch's averaged stats
+    TrainingStopped once that checkpoint is written. ema (optional, util.ema.EMA) is
+    updated after every optimizer step. Returns the epoch's averaged stats
     {'loss', 'lr'} over all ranks (including steps run before a resume)."""
     device = torch.device(args.device)
     rank, world_size = misc.get_rank(), misc.get_world_size()
@@ -100,6 +101,8 @@ def train_one_epoch(model, data_loader, optimizer, scaler, epoch, args, log_writ
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
 
         logger.update(loss=loss_mean, lr=lr)
         if log_writer is not None:

@@ -10,6 +10,7 @@ val set) and `--evaluate_gen` (generate `--num_images` images, FID and Inception
 Other code can call `main(get_args_parser().parse_args([...]))` in-process.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -27,6 +28,7 @@ from models.loading import CONFIG, checkpoint_config
 from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid, logs, preempt, validation
+from util.ema import EMA
 from util.misc import UserInputError, print0
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,6 +94,14 @@ def get_args_parser():
     add("--warmup_epochs", default=40, type=int)
     add("--weight_decay", default=0.05, type=float, help="AdamW weight decay (not on biases and 1-D params)")
     add("--grad_clip", default=3.0, type=float, help="max gradient norm; 0 disables clipping")
+    add("--ema_rate", default=None, type=float,
+        help="keep an exponential moving average (EMA) of the weights, updated after every optimizer step with "
+             "this decay (MAR uses 0.9999); stored as model_ema in the checkpoint, evaluated instead of the raw "
+             "weights. Costs one fp32 copy of the parameters. Resuming a run with an EMA keeps it at its rate "
+             "(default: off, as the official recipe)")
+    add("--no_ema", action="store_true",
+        help="evaluate the raw weights even when the checkpoint holds EMA weights (--evaluate_nll, --evaluate_gen, "
+             "--online_eval)")
 
     # generation / evaluation
     add("--class_num", default=None, type=int, help="default: from the checkpoint, else the dataset, else 1000")
@@ -169,6 +179,8 @@ def check_args(args):
         validation.finite_positive("--lr", args.lr)
     for name in ("min_lr", "weight_decay", "grad_clip"):
         validation.finite_nonnegative(f"--{name}", getattr(args, name))
+    if args.ema_rate is not None:
+        args.ema_rate = validation.ema_rate("--ema_rate", args.ema_rate)
 
 
 def check_long_run_args(args):
@@ -326,13 +338,52 @@ def rank0_first(fn, what, device):
         fn()
 
 
-def load_model_state(model, ckpt, path, args):
+def load_model_state(model, ckpt, path, args, training):
+    """The checkpoint's weights into `model`: evaluation takes its EMA weights (model_ema)
+    when it has them, unless --no_ema; training takes the raw ones (its EMA is kept apart,
+    see start_ema). Sets model.weights to "ema" or "raw"."""
+    use_ema = not training and "model_ema" in ckpt and not args.no_ema
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model_ema" if use_ema else "model"])
     except CheckpointMismatchError as e:
         trained = ckpt_util.checkpoint_model_name(ckpt)
         origin = f" (it was saved by --model {trained})" if trained and trained != args.model else ""
         raise UserInputError(f"{path} does not fit --model {args.model}{origin}: {e}") from None
+    model.weights = "ema" if use_ema else "raw"
+    if not training and "model_ema" in ckpt:
+        print0(f"evaluating the EMA weights of {path} (--no_ema: the raw ones)" if use_ema
+               else f"evaluating the raw weights of {path} (--no_ema), not its EMA weights")
+
+
+def start_ema(model, ckpt, path, args):
+    """The EMA of the weights (--ema_rate), continued from the checkpoint's model_ema when it
+    has one; None when there is none to keep. Resuming an EMA run without --ema_rate keeps
+    its EMA at the checkpoint's rate; a different --ema_rate, or a checkpoint without EMA
+    weights, is said in one line."""
+    stored = ckpt.get("model_ema") if ckpt is not None else None
+    stored_rate = getattr(ckpt.get("args"), "ema_rate", None) if stored is not None else None
+    if args.ema_rate is None:
+        if stored is None:
+            return None
+        if stored_rate is None:
+            raise UserInputError(f"{path} holds EMA weights but not their rate; pass --ema_rate to keep them up "
+                                 f"to date")
+        args.ema_rate = validation.ema_rate(f"{path}: ema_rate", stored_rate)
+        print0(f"{path} holds EMA weights: keeping them up to date at its rate {args.ema_rate:g} "
+               f"(--ema_rate sets another)")
+    ema = EMA(model, args.ema_rate)
+    if stored is None:
+        if ckpt is not None:
+            print0(f"{path} has no EMA weights: the EMA (--ema_rate {args.ema_rate:g}) starts from its weights")
+        return ema
+    try:
+        ema.load_state_dict(stored)
+    except CheckpointMismatchError as e:
+        raise UserInputError(f"the EMA weights (model_ema) in {path} do not fit --model {args.model}: {e}") from None
+    if stored_rate is not None and stored_rate != args.ema_rate:
+        print0(f"--ema_rate {args.ema_rate:g} replaces the rate {stored_rate:g} of {path}: its EMA weights go on "
+               f"from here at the new rate")
+    return ema
 
 
 def param_groups(model, weight_decay):
@@ -392,11 +443,12 @@ class Checkpoints:
     clock; its vote rides on the step's all-reduce, see train_one_epoch), and on a stop
     request. Rank 0 writes checkpoint-last.pth (the one before becomes checkpoint-prev.pth),
     one write at a time. A checkpoint is the official dict plus 'train_state': the position
-    (epoch, steps done), the epoch's meter sums and the batch layout; for a one-class model
-    also 'sampling' (cfg 1: no guidance)."""
+    (epoch, steps done), the epoch's meter sums and the batch layout; with --ema_rate also
+    'model_ema' (the EMA weights, under the keys of 'model'), and for a one-class model
+    'sampling' (cfg 1: no guidance)."""
 
-    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None):
-        self.model, self.optimizer, self.scaler, self.args = model, optimizer, scaler, args
+    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None, ema=None):
+        self.model, self.optimizer, self.scaler, self.args, self.ema = model, optimizer, scaler, args, ema
         self.log_writer = log_writer
         self.path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
         background = args.save_thread if args.save_thread is not None else torch.device(args.device).type == "cuda"
@@ -440,6 +492,8 @@ class Checkpoints:
                      "epoch": epoch_done, "scaler": self.scaler.state_dict(),
                      "args": argparse.Namespace(**vars(self.args)), "train_state": train_state,
                      CONFIG: self.model.config}
+            if self.ema is not None:
+                state["model_ema"] = self.ema.state_dict()
             if self.args.class_num == 1:  # one class: guidance has nothing to steer towards
                 state["sampling"] = dict(UNCONDITIONAL_SAMPLING)
             start = time.perf_counter()
@@ -595,8 +649,9 @@ def run(args, device, held):
         check_generation(args, architecture)
     misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args, record)
+    model.weights = "raw"
     if ckpt is not None:
-        load_model_state(model, ckpt, path, args)
+        load_model_state(model, ckpt, path, args, training)
     model.to(device)
     if args.compile:
         # the blocks, not the whole model: the recursion's masks have data-dependent shapes
@@ -623,13 +678,15 @@ def run(args, device, held):
             result["gen"] = evaluate_gen(model, args, log_writer=log_writer)
         return result
 
-    result["train"] = train(model, ckpt, path, loaders["train"], args, device, log_writer, held)
+    result["train"], ema = train(model, ckpt, path, loaders["train"], args, device, log_writer, held)
+    if ema is not None:
+        result["model_ema"] = ema.state_dict()
     return result
 
 
 def train(model, ckpt, path, loader, args, device, log_writer, held):
-    """The training loop; returns the last epoch's stats. Raises TrainingStopped after a
-    stop request, once its checkpoint is written."""
+    """The training loop; returns the last epoch's stats and the EMA (None without one).
+    Raises TrainingStopped after a stop request, once its checkpoint is written."""
     world_size = misc.get_world_size()
     eff_batch = args.batch_size * world_size
     if args.lr is None:
@@ -639,9 +696,10 @@ def train(model, ckpt, path, loader, args, device, log_writer, held):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     steps = len(loader)
     position = restore_training_state(ckpt, path, optimizer, scaler, args, steps)
+    ema = start_ema(model, ckpt, path, args)
     del ckpt
     checkpoints = held["checkpoints"] = Checkpoints(model, optimizer, scaler, args, position["meters"],
-                                                         log_writer)
+                                                         log_writer, ema)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -652,27 +710,28 @@ def train(model, ckpt, path, loader, args, device, log_writer, held):
     stats = {}
     if args.start_epoch >= args.epochs:
         print0(f"nothing to train: epoch {args.start_epoch} is past --epochs {args.epochs}")
-        return stats
+        return stats, ema
     print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {steps} steps each")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         start_step = position["step"] if epoch == args.start_epoch else 0
         loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
         stats = train_one_epoch(train_model, loader, optimizer, scaler, epoch, args, log_writer,
-                                start_step=start_step, checkpoints=checkpoints)
+                                start_step=start_step, checkpoints=checkpoints, ema=ema)
         last = epoch + 1 == args.epochs
         if epoch % args.save_last_freq == 0 or last:
             checkpoints.save_epoch(epoch, steps, {"epoch": epoch, **stats})
         if args.online_eval and (epoch % args.eval_freq == 0 or last):
-            stats.update({k: v for k, v in evaluate_gen(model, args, epoch, log_writer, online=True).items()
-                          if k != "folder"})
+            with ema.applied() if ema is not None and not args.no_ema else contextlib.nullcontext():
+                scores = evaluate_gen(model, args, epoch, log_writer, online=True)
+            stats.update({k: v for k, v in scores.items() if k != "folder"})
         if misc.is_main_process():
             logs.append_line(os.path.join(args.output_dir, "log.txt"), {"epoch": epoch, **stats})
             done = epoch + 1 - args.start_epoch
             remaining = (time.time() - start) / done * (args.epochs - epoch - 1)
             print0(f"epoch {epoch} done; run ETA {misc.format_seconds(remaining)}")
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
-    return stats
+    return stats, ema
 
 
 def script_main(argv=None):

@@ -12,14 +12,15 @@ from util.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs main() like `python main_fractalgen.py`, then saves this rank's final weights so the
-# test can compare ranks.
+# Runs main() like `python main_fractalgen.py`, then saves this rank's final weights (and EMA
+# weights) so the test can compare ranks.
 RANK_WRAPPER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 from main_fractalgen import get_args_parser, main
 result = main(get_args_parser().parse_args(sys.argv[1:]))
 torch.save(result["model"].state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+torch.save(result.get("model_ema"), os.path.join({out!r}, "ema%s.pt" % os.environ["RANK"]))
 """
 
 
@@ -38,7 +39,7 @@ def test_two_cpu_processes_train_identically_and_generate_unique_images(
     wrapper.write_text(RANK_WRAPPER.format(repo=REPO, out=str(out)))
     stdout = torchrun([wrapper, "--model", "fractalmar_tiny", "--data_path", tiny_data, "--output_dir", out,
                        "--device", "cpu", "--batch_size", 2, "--epochs", 1, "--warmup_epochs", 1, "--blr", 1e-2,
-                       "--num_workers", 0, "--online_eval", "--num_images", 6, "--gen_bsz", 2,
+                       "--num_workers", 0, "--online_eval", "--num_images", 6, "--gen_bsz", 2, "--ema_rate", 0.9,
                        "--fid_stats_path", fid_stats, "--inception_weights", inception_weights], child_env)
     assert "distributed: 2 processes, backend gloo" in stdout
     assert "generated 6 images" in stdout and re.search(r"fid: \d+\.\d+", stdout)
@@ -54,6 +55,11 @@ def test_two_cpu_processes_train_identically_and_generate_unique_images(
         assert torch.equal(value, rank1[key]), f"ranks diverged at {key}"
         assert torch.equal(value, ckpt["model"][key]), key
     assert any(not torch.equal(v, init[k]) for k, v in rank0.items())
+    ema0, ema1 = (torch.load(out / f"ema{r}.pt", weights_only=True) for r in (0, 1))
+    assert list(ema0) == list(ckpt["model_ema"]) == list(ckpt["model"])  # the model's keys, no 'module.'
+    for key, value in ema0.items():  # every rank keeps the same average, without communicating
+        assert torch.equal(value, ema1[key]) and torch.equal(value, ckpt["model_ema"][key]), key
+        assert not torch.equal(value, rank0[key]) or torch.equal(value, init[key]), key
 
 
 def test_nll_over_two_processes_counts_each_val_image_once(tiny_data, tmp_path, child_env):

@@ -24,20 +24,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train_argv(data, out, *extra, epochs=2):
     """fractalmar_tiny on the 12 tiny images, batch 4 (3 steps per epoch), one DataLoader
-    worker (flips are keyed, not drawn by the worker), label dropout and MAR masks on."""
+    worker (flips are keyed, not drawn by the worker), label dropout and MAR masks on, and
+    an EMA of the weights (rate 0.9: a few steps move it visibly)."""
     return [str(a) for a in ["--model", "fractalmar_tiny", "--data_path", data, "--output_dir", out,
                              "--resume", out, "--device", "cpu", "--batch_size", 4, "--epochs", epochs,
                              "--warmup_epochs", 1, "--blr", 1e-2, "--label_drop_prob", 0.5, "--save_last_freq", 1,
-                             "--num_workers", 1, "--seed", 3, *extra]]
+                             "--num_workers", 1, "--seed", 3, "--ema_rate", 0.9, *extra]]
 
 
 def assert_same_training(a, b):
-    """Bitwise equal weights and optimizer state of two checkpoint folders."""
+    """Bitwise equal weights, EMA weights and optimizer state of two checkpoint folders; the
+    EMA weights under the model's own keys (no DDP 'module.' prefix) and not the weights."""
     ca = ckpt_util.load_checkpoint(os.path.join(a, ckpt_util.CHECKPOINT_NAME))
     cb = ckpt_util.load_checkpoint(os.path.join(b, ckpt_util.CHECKPOINT_NAME))
     assert ca["epoch"] == cb["epoch"] and ca["train_state"]["epoch"] == cb["train_state"]["epoch"]
     for key, value in ca["model"].items():
         assert torch.equal(value, cb["model"][key]), key
+    assert list(ca["model_ema"]) == list(cb["model_ema"]) == list(ca["model"])
+    for key, value in ca["model_ema"].items():
+        assert value.dtype == torch.float32 and torch.equal(value, cb["model_ema"][key]), key
+    assert not torch.equal(ca["model_ema"]["class_emb.weight"], ca["model"]["class_emb.weight"])
     for index, state in ca["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, cb["optimizer"]["state"][index][name]), (index, name)

@@ -28,6 +28,18 @@ def check_model(value, flag="--model"):
         raise UserInputError(f"{flag} {e}") from None
 
 
+def ema_rate(flag, value):
+    """The decay of a moving average per step (--ema_rate): a number strictly between 0 and 1."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{flag} must be a number, got {value!r}") from None
+    if not 0 < x < 1:  # NaN fails too
+        raise UserInputError(f"{flag} must be a number strictly between 0 and 1 (the share of the average kept at "
+                             f"each step, e.g. 0.9999), got {value}")
+    return x
+
+
 def check_device(name, flag="--device"):
     """'cpu', 'cuda', 'cuda:N' (or 'auto'/None: CUDA when present) -> torch.device, checking
     that the device exists on this machine."""
