@@ -79,6 +79,15 @@ def test_benchmark_fast_and_batch_rows(capsys, monkeypatch):
     assert table_rows[-6:] == ["no", "no", "yes", "yes", "frz", "frz"]  # the final table's fast column
 
 
+def test_benchmark_ema_rate_reports_the_update_time_and_size(capsys):
+    report = benchmark.main(TINY_ARGS + ["--phases", "train", "--no_flops", "--steps", "2", "--ema_rate", "0.99"])
+    train = report["results"][0]["train"]
+    params = report["results"][0]["params"]
+    assert train["ema_rate"] == 0.99 and train["ema_bytes"] == 4 * params
+    assert 0 < train["ema_update_s"] < train["step_s"]
+    assert "EMA (rate 0.99): " in capsys.readouterr().out
+
+
 def test_hyphenated_flags_still_work():
     args = benchmark.parse_args(["--train-batch", "3", "--num-iter", "2", "2", "--no-flops", "--sample-batch", "1"])
     assert args.train_batch == 3 and args.num_iter == [2, 2] and args.flops is False and args.sample_batch == [1]
@@ -98,6 +107,7 @@ def benchmark_help():
 BAD_ARGS = [(["--configs", "nope"], "unknown config"), (["--num_iter", "0"], "--num_iter must be at least 1"),
             (["--sample_batch", "0"], "--sample_batch must be at least 1"),
             (["--threads", "0"], "--threads must be at least 1"), (["--cfg", "nan"], "--cfg must be a finite"),
+            (["--ema_rate", "1"], "--ema_rate must be a number strictly between 0 and 1"),
             (["--checkpoint", "/nonexistent.pth"], "no such file"), (["--device", "tpu"], "not a device")]
 if not torch.cuda.is_available():
     BAD_ARGS.append((["--device", "cuda"], "CUDA is not available"))

@@ -5,6 +5,7 @@
     python -m util.benchmark --device cuda                    # adds every official configuration
     python -m util.benchmark --precision fp32 bf16 --compile off on   # opt-in rows
     python -m util.benchmark --phases sample --sample_batch 1 4 --fast off on frozen   # the fast sampler
+    python -m util.benchmark --configs bench64 --phases train --ema_rate 0.9999   # the cost of --ema_rate
 
 Models get random weights (or --checkpoint), inputs are random images and labels, and
 every number comes after warm-up:
@@ -40,7 +41,8 @@ from models import CONFIGS, DEFAULT_SAMPLING, MAR, CheckpointMismatchError, crea
 from models.config import is_config_file
 from util.checkpoint import load_checkpoint
 from util.misc import UserInputError, autocast, keep_freed_memory, one_line, synchronize
-from util.validation import FAST_SAMPLERS, check_device, check_model, finite_nonnegative, positive_int
+from util.ema import EMA
+from util.validation import FAST_SAMPLERS, check_device, check_model, ema_rate, finite_nonnegative, positive_int
 
 # Reference configurations of the performance issue (configuration records, like
 # models.CONFIGS): the 64x64 architecture scaled down so that CPU runs take seconds.
@@ -313,13 +315,17 @@ def level_flops(sections, model, count):
     return sum(levels.values()) + sections.flops["other"] / count, levels
 
 
-def bench_train(model, batch, steps, warmup, device, precision, generator, flops=False):
+def bench_train(model, batch, steps, warmup, device, precision, generator, flops=False, ema_rate=None):
     """Median images/s of full training steps (forward, backward, grad clip, AdamW) and
     peak memory; with flops, the FLOPs per image of the first timed step (forward and
-    backward, by level: forward by level, backward in 'other')."""
+    backward, by level: forward by level, backward in 'other'). With ema_rate, every step
+    also updates an EMA of the weights (util.ema, as --ema_rate): its median seconds per
+    update (inside the step time) and its size are reported apart."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     imgs, labels = random_batch(model, batch, device, generator)
+    ema = EMA(model, ema_rate) if ema_rate else None
+    ema_times = []
 
     def step():
         with autocast(device, precision):
@@ -328,6 +334,12 @@ def bench_train(model, batch, steps, warmup, device, precision, generator, flops
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         optimizer.step()
+        if ema is not None:
+            synchronize(device)
+            t0 = time.perf_counter()
+            ema.update()
+            synchronize(device)
+            ema_times.append(time.perf_counter() - t0)
 
     for _ in range(warmup):
         step()
@@ -342,6 +354,9 @@ def bench_train(model, batch, steps, warmup, device, precision, generator, flops
             times.append(time.perf_counter() - t0)
     result = dict(images_per_s=batch / statistics.median(times), step_s=statistics.median(times),
                   peak_mem_bytes=memory.peak)
+    if ema is not None:
+        result.update(ema_rate=ema_rate, ema_update_s=statistics.median(ema_times[warmup:]),
+                      ema_bytes=sum(a.numel() * a.element_size() for a in ema.averages))
     if flops:
         set_rng_state(device, state)  # the masks of the first timed step
         sections = Sections()
@@ -498,7 +513,7 @@ def benchmark_config(name, args, device, precision, compile_model, rate, fast=Fa
     phases = args.phases if phases is None else phases
     if "train" in phases:
         row["train"] = bench_train(model, batch["train"], args.steps, args.warmup, device, precision,
-                                   generator, count)
+                                   generator, count, args.ema_rate)
     if "eval" in phases:
         row["eval"] = bench_eval(model, batch["eval"], args.steps, args.warmup, device, precision,
                                  generator, count)
@@ -591,6 +606,9 @@ def format_table(report):
             f"{fmt(e.get('images_per_s'), '.2f'):>10} {fmt_bytes(e.get('peak_mem_bytes')):>6} {pct(e):>4} "
             f"{fmt(s.get('batch'), 'd'):>5} "
             f"{fmt(s.get('s_per_image'), '.3f'):>12} {fmt_bytes(s.get('peak_mem_bytes')):>6} {pct(s):>4}")
+        if "ema_update_s" in t:
+            lines.append(f"    EMA (rate {t['ema_rate']:g}): {1e3 * t['ema_update_s']:.1f} ms per training step "
+                         f"({100 * t['ema_update_s'] / t['step_s']:.1f}% of the step), {fmt_bytes(t['ema_bytes'])} fp32")
         if "first_call_s_per_image" in s:
             lines.append(f"    first call (cold, compilation included): {s['first_call_s_per_image']:.3f} s/img")
         if s:
@@ -655,6 +673,9 @@ def parse_args(argv=None):
     add_flag(p, "checkpoint", default=None, help="load these weights (a checkpoint with a 'model' entry) "
                                                  "instead of random ones")
     add_flag(p, "seed", type=int, default=0)
+    add_flag(p, "ema_rate", type=float, default=None,
+             help="training steps also update an EMA of the weights (as main_fractalgen.py --ema_rate); "
+                  "reports its time per step and size")
     add_flag(p, "malloc", default="keep", choices=["keep", "default"],
              help="keep (default): glibc keeps freed memory for reuse (see keep_freed_memory); "
                   "default: glibc's own policy, as in a plain python process")
@@ -679,6 +700,8 @@ def check_args(args):
         positive_int("--num_iter", value)
     if args.cfg is not None:
         finite_nonnegative("--cfg", args.cfg)
+    if args.ema_rate is not None:
+        ema_rate("--ema_rate", args.ema_rate)
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UserInputError(f"--checkpoint {args.checkpoint}: no such file; pass the path of a checkpoint .pth")
     return device
