@@ -24,7 +24,7 @@ from engine_fractalgen import (STEP_TAGS, NonFiniteLossError, TrainingStopped, e
                                step_axis, train_one_epoch)
 from models import CONFIGS, CheckpointMismatchError, create_model
 from models.config import config_name
-from models.loading import CONFIG, checkpoint_config
+from models.loading import CONFIG, EMA_KEY, checkpoint_config
 from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid, logs, preempt, validation
@@ -342,15 +342,15 @@ def load_model_state(model, ckpt, path, args, training):
     """The checkpoint's weights into `model`: evaluation takes its EMA weights (model_ema)
     when it has them, unless --no_ema; training takes the raw ones (its EMA is kept apart,
     see start_ema). Sets model.weights to "ema" or "raw"."""
-    use_ema = not training and "model_ema" in ckpt and not args.no_ema
+    use_ema = not training and EMA_KEY in ckpt and not args.no_ema
     try:
-        model.load_state_dict(ckpt["model_ema" if use_ema else "model"])
+        model.load_state_dict(ckpt[EMA_KEY if use_ema else "model"])
     except CheckpointMismatchError as e:
         trained = ckpt_util.checkpoint_model_name(ckpt)
         origin = f" (it was saved by --model {trained})" if trained and trained != args.model else ""
         raise UserInputError(f"{path} does not fit --model {args.model}{origin}: {e}") from None
     model.weights = "ema" if use_ema else "raw"
-    if not training and "model_ema" in ckpt:
+    if not training and EMA_KEY in ckpt:
         print0(f"evaluating the EMA weights of {path} (--no_ema: the raw ones)" if use_ema
                else f"evaluating the raw weights of {path} (--no_ema), not its EMA weights")
 
@@ -360,7 +360,7 @@ def start_ema(model, ckpt, path, args):
     has one; None when there is none to keep. Resuming an EMA run without --ema_rate keeps
     its EMA at the checkpoint's rate; a different --ema_rate, or a checkpoint without EMA
     weights, is said in one line."""
-    stored = ckpt.get("model_ema") if ckpt is not None else None
+    stored = ckpt.get(EMA_KEY) if ckpt is not None else None
     stored_rate = getattr(ckpt.get("args"), "ema_rate", None) if stored is not None else None
     if args.ema_rate is None:
         if stored is None:
@@ -493,7 +493,7 @@ class Checkpoints:
                      "args": argparse.Namespace(**vars(self.args)), "train_state": train_state,
                      CONFIG: self.model.config}
             if self.ema is not None:
-                state["model_ema"] = self.ema.state_dict()
+                state[EMA_KEY] = self.ema.state_dict()
             if self.args.class_num == 1:  # one class: guidance has nothing to steer towards
                 state["sampling"] = dict(UNCONDITIONAL_SAMPLING)
             start = time.perf_counter()
@@ -649,7 +649,6 @@ def run(args, device, held):
         check_generation(args, architecture)
     misc.seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args, record)
-    model.weights = "raw"
     if ckpt is not None:
         load_model_state(model, ckpt, path, args, training)
     model.to(device)
@@ -678,15 +677,17 @@ def run(args, device, held):
             result["gen"] = evaluate_gen(model, args, log_writer=log_writer)
         return result
 
-    result["train"], ema = train(model, ckpt, path, loaders["train"], args, device, log_writer, held)
+    ema = start_ema(model, ckpt, path, args)
+    result["train"] = train(model, ckpt, path, loaders["train"], args, device, log_writer, held, ema)
     if ema is not None:
-        result["model_ema"] = ema.state_dict()
+        result[EMA_KEY] = ema.state_dict()
     return result
 
 
-def train(model, ckpt, path, loader, args, device, log_writer, held):
-    """The training loop; returns the last epoch's stats and the EMA (None without one).
-    Raises TrainingStopped after a stop request, once its checkpoint is written."""
+def train(model, ckpt, path, loader, args, device, log_writer, held, ema=None):
+    """The training loop; returns the last epoch's stats. `ema` (util.ema.EMA, or None) is
+    updated after every step and checkpointed. Raises TrainingStopped after a stop request,
+    once its checkpoint is written."""
     world_size = misc.get_world_size()
     eff_batch = args.batch_size * world_size
     if args.lr is None:
@@ -696,7 +697,6 @@ def train(model, ckpt, path, loader, args, device, log_writer, held):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     steps = len(loader)
     position = restore_training_state(ckpt, path, optimizer, scaler, args, steps)
-    ema = start_ema(model, ckpt, path, args)
     del ckpt
     checkpoints = held["checkpoints"] = Checkpoints(model, optimizer, scaler, args, position["meters"],
                                                          log_writer, ema)
@@ -710,7 +710,7 @@ def train(model, ckpt, path, loader, args, device, log_writer, held):
     stats = {}
     if args.start_epoch >= args.epochs:
         print0(f"nothing to train: epoch {args.start_epoch} is past --epochs {args.epochs}")
-        return stats, ema
+        return stats
     print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {steps} steps each")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -731,7 +731,7 @@ def train(model, ckpt, path, loader, args, device, log_writer, held):
             remaining = (time.time() - start) / done * (args.epochs - epoch - 1)
             print0(f"epoch {epoch} done; run ETA {misc.format_seconds(remaining)}")
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
-    return stats, ema
+    return stats
 
 
 def script_main(argv=None):

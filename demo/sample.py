@@ -130,6 +130,9 @@ def get_args_parser():
                    help="architecture: a model name or a JSON configuration file, for a checkpoint that does not "
                         "say (default: the checkpoint's own configuration, else its args or folder name)")
     p.add_argument("--download", action="store_true", help="fetch an official checkpoint named by --ckpt if missing")
+    p.add_argument("--no_ema", action="store_true",
+                   help="the raw weights, even when the checkpoint holds EMA weights (trained with --ema_rate), "
+                        "which are used by default")
     p.add_argument("--labels", nargs="+", default=["0"], help="class labels, e.g. 207 360 or 207,360")
     p.add_argument("--num_per_label", type=int, default=1, help="samples per label (one grid row per label)")
     p.add_argument("--task", default="sample", choices=["sample", *TASKS])
@@ -193,7 +196,7 @@ def run(args):
     precision = sampling_precision(device, args.precision)
     picture = open_image(args.input) if args.input else None
     path = resolve_checkpoint(args.ckpt, download=args.download, progress_bar=progress_bar)
-    model = load_model(path, args.model, device)
+    model = load_model(path, args.model, device, ema=not args.no_ema)
     check_against_model(model, labels, num_iter_list)
     if args.compile:
         model.compile_blocks()
@@ -206,7 +209,7 @@ def run(args):
     scale = args.scale or auto_scale(model.img_size, target=128)
     steps = StepBar(frame=(lambda canvas: make_grid(*layout(canvas, shown, args.num_per_label))) if args.gif else None)
 
-    print(f"{model.model_name}: {args.task} for labels {parse_labels(args.labels)} on {device} with {settings}",
+    print(f"{model.model_name} ({model.weights} weights): {args.task} for labels {parse_labels(args.labels)} on {device} with {settings}",
           file=sys.stderr)
     torch.manual_seed(args.seed)
     start = time.time()

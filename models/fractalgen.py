@@ -48,6 +48,9 @@ class FractalGen(nn.Module):
         self.model_name = None
         self.record_sampling = None
         self.sampling_defaults = None
+        # which weights the model holds: "raw" (as trained) or "ema" (the moving average a
+        # checkpoint stores as 'model_ema', which models.load_model prefers)
+        self.weights = "raw"
         self.num_fractal_levels = len(img_size_list)
         self.img_size_list = tuple(img_size_list)
         L = fractal_level

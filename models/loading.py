@@ -12,6 +12,10 @@ from `model=` (a name or a JSON file), else the checkpoint's 'args', else the fo
 (pretrained_models/<name>/), with class_num read from the class embedding. The weights
 load strictly.
 
+Weights: a checkpoint trained with --ema_rate also holds a moving average of the weights
+('model_ema', under the keys of 'model'); it is loaded instead of the raw weights unless
+`ema=False`, and `model.weights` says which ("ema" or "raw").
+
 Sampling settings: the record's own ('sampling', e.g. a named model's DEFAULT_SAMPLING),
 overridden by those a checkpoint stores under 'sampling' (the quick start does). They
 become the defaults of `model.generate` (see FractalGen.sampling_config).
@@ -29,6 +33,7 @@ from .errors import UserInputError
 from .zoo import CHECKPOINT_NAME, PRETRAINED_URLS, download_pretrained
 
 CONFIG = "config"  # the checkpoint key of the configuration record
+EMA_KEY = "model_ema"  # the checkpoint key of the EMA weights (main_fractalgen.py --ema_rate)
 SAFE_GLOBALS = [argparse.Namespace]  # official checkpoints store their flags as a Namespace
 # 'args' entries of an official checkpoint that shape the architecture besides the model
 # name (dropout, learning rate and paths do not matter for sampling)
@@ -157,24 +162,28 @@ def checkpoint_config(ckpt, path, model=None):
     return record, name
 
 
-def load_model(path_or_name, model=None, device="cpu", download=False, root="pretrained_models"):
+def load_model(path_or_name, model=None, device="cpu", download=False, root="pretrained_models", ema=True):
     """Build the model a checkpoint holds and load its weights strictly.
 
     path_or_name: a checkpoint file, a folder holding checkpoint-last.pth, or an official
     model name (looked up in `root`; fetched there when `download`). model: a name of
     models.CONFIGS or a JSON configuration file, for a checkpoint that does not say (or to
-    override what it says). Returns the FractalGen in eval mode on `device`, with
-    `model_name`, `config` and `sampling_defaults` (the record's sampling settings,
-    overridden by the checkpoint's 'sampling') set. Bad input raises UserInputError
+    override what it says). ema: load the checkpoint's EMA weights ('model_ema') when it
+    has them; False: the raw weights ('model'). Returns the FractalGen in eval mode on
+    `device`, with `model_name`, `config`, `weights` ("ema" or "raw") and
+    `sampling_defaults` (the record's sampling settings, overridden by the checkpoint's
+    'sampling') set. Bad input raises UserInputError
     (models.zoo.DownloadError for a failed download) with one sentence."""
     path = resolve_checkpoint(path_or_name, download=download, root=root)
     ckpt = load_checkpoint(path)
     record, name = checkpoint_config(ckpt, path, model)
+    use_ema = ema and ckpt.get(EMA_KEY) is not None
     try:
         net = build(record, name)
-        net.load_state_dict(ckpt["model"], strict=True)
+        net.load_state_dict(ckpt[EMA_KEY if use_ema else "model"], strict=True)
     except ValueError as e:  # a CheckpointMismatchError
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
+    net.weights = "ema" if use_ema else "raw"
     sampling = dict(record.get(SAMPLING) or {})
     if "num_iter_list" in sampling:
         sampling["num_iter_list"] = tuple(sampling["num_iter_list"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import main_fractalgen
-from models import create_model
+from demo import sample
+from models import create_model, load_model
 from util.checkpoint import load_checkpoint
 from util.ema import EMA
 
@@ -97,6 +98,22 @@ def test_evaluation_uses_the_ema_weights_unless_no_ema(run_main, tiny_data, tmp_
                 f"evaluating the raw weights of {path} (--no_ema), not its EMA weights") in text
         bpd[weights] = result["nll"]["bpd"]
     assert bpd["ema"] != bpd["raw"]
+
+    for kwargs, weights in (({}, "ema"), ({"ema": False}, "raw")):
+        model = load_model(out, **kwargs)
+        key = "model_ema" if weights == "ema" else "model"
+        assert model.weights == weights and all(torch.equal(v, ckpt[key][k]) for k, v in model.state_dict().items())
+    grid = str(tmp_path / "grid.png")
+    for flags, weights in (([], "ema"), (["--no_ema"], "raw")):
+        sample.main(["--ckpt", out, "--labels", "0", "--output", grid, "--device", "cpu", *flags])
+        assert f"fractalar_tiny ({weights} weights): sample for labels [0]" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_ema_weights_loads_its_raw_weights(tmp_path):
+    model = create_model("fractalar_tiny", class_num=2)
+    assert model.weights == "raw"
+    torch.save({"model": model.state_dict(), "config": model.config}, tmp_path / "checkpoint-last.pth")
+    assert load_model(str(tmp_path)).weights == "raw"
 
 
 def test_online_eval_sees_the_ema_weights_and_training_goes_on_with_its_own(run_main, tiny_data, tmp_path,

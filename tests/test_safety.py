@@ -216,6 +216,8 @@ def test_check_data_lists_every_unreadable_image(tmp_path, capsys):
 
     assert check_data.main([str(root), "--workers", "2"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:2] == [f"{root / split} holds 1 class folder" for split in ("train", "val")]  # as training sees it
+    lines = lines[2:]
     assert len(lines) == 3
     assert "truncated.png" in lines[0] and "garbage.JPG" in lines[1]
     assert "checked 7 images" in lines[2] and "2 unreadable" in lines[2]

@@ -133,7 +133,7 @@ def describe_split(folder):
         return (f"{folder} holds {count} images without class folders: one class, no labels (an unconditional "
                 f"model; sampling without guidance, cfg 1)")
     classes = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
-    return f"{folder} holds {len(classes)} class folders"
+    return f"{folder} holds {len(classes)} class folder{'s' if len(classes) != 1 else ''}"
 
 
 UNLABELLED_CLASS = "(unlabelled)"  # the class name of a split without class folders
