@@ -199,7 +199,7 @@ def prepare_folder(folder):
 
 
 @torch.no_grad()
-def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
+def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=None):
     """Generate args.num_images class-balanced images across all ranks, write them as
     PNGs and score them with FID and Inception Score against args.fid_stats_path (plus
     precision/recall with args.prc_ref_dir).
@@ -208,6 +208,8 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
     them; the features are gathered in image-id order and scored once, on rank 0: the
     numbers are those of the PNG folder scored by one process (util.fid.evaluate_folder).
     online=True (during training) writes into a temporary folder that is deleted afterwards.
+    scorer: a util.fid.Scorer to reuse (a sweep scores many settings with one); None
+    builds one from args.
     Returns {'fid', 'inception_score', ..., 'sec_per_image', 'folder'} on rank 0 and
     {'sec_per_image', 'folder'} elsewhere."""
     device = torch.device(args.device)
@@ -215,17 +217,15 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False):
     model.eval()
     folder = generation_folder(args, online)
     prepare_folder(folder)
-    features = fid.FeatureBank(fid.build_inception(device, args.inception_weights))
+    if scorer is None:
+        scorer = fid.Scorer(device, args.fid_stats_path, args.inception_weights, args.prc_ref_dir,
+                            img_size=args.img_size, num_workers=min(args.num_workers, 8))
+    features = scorer.feature_bank()
     sec_per_image = generate_images(model, args, epoch, folder, features)
     result = {"sec_per_image": sec_per_image, "folder": folder}
-
-    gathered = features.gather(device)
-    real = None
-    if args.prc_ref_dir:
-        real = fid.extract_features(fid.list_images(args.prc_ref_dir), features.inception, device,
-                                    img_size=args.img_size, num_workers=min(args.num_workers, 8))
+    metrics = scorer.score(features)
     if misc.is_main_process():
-        result.update(fid.compute_metrics(gathered, fid.load_stats(args.fid_stats_path), real))
+        result.update(metrics)
         report = ", ".join(f"{k}: {v:.4f}" for k, v in result.items() if k != "folder")
         misc.print0(f"epoch {epoch}: {report}")
         if log_writer is not None:

@@ -295,10 +295,7 @@ def check_generation(args, model):
     """Generation and FID settings, validated before the model is built, any image is
     generated or anything is written. `model` may live on the meta device. The FID inputs
     are loaded, not just looked for: a bad file must not surface after 50k images."""
-    if args.num_images % args.class_num:
-        raise UserInputError(f"--num_images {args.num_images} is not divisible by class_num {args.class_num}; "
-                             f"class-balanced generation needs a multiple, e.g. "
-                             f"{max(1, args.num_images // args.class_num) * args.class_num}")
+    validation.check_num_images(args.num_images, args.class_num)
     levels = model.num_fractal_levels - 1
     if args.num_iter_list is None:
         args.num_iter_list = model.default_num_iter_list()
@@ -309,33 +306,10 @@ def check_generation(args, model):
     args.fid_stats_path = args.fid_stats_path or fid.default_stats_path(args.img_size)
     fid.load_stats(args.fid_stats_path)
     if args.inception_weights is None:  # a download into the cache: once, by rank 0
-        rank0_first(fid.inception_weights_file, "download the Inception weights", torch.device(args.device))
+        misc.rank0_first(fid.inception_weights_file, "download the Inception weights", torch.device(args.device))
     fid.check_inception_weights(args.inception_weights)
-    if args.num_images < 2:
-        raise UserInputError(f"--num_images {args.num_images}: FID needs at least 2 images")
     if args.prc_ref_dir is not None:
-        real = len(fid.list_images(args.prc_ref_dir))
-        if min(real, args.num_images) <= fid.PRC_NEIGHBOURS:
-            raise UserInputError(f"precision/recall need more than {fid.PRC_NEIGHBOURS} generated and real images "
-                                 f"(--num_images {args.num_images}, {real} in --prc_ref_dir {args.prc_ref_dir})")
-
-
-def rank0_first(fn, what, device):
-    """Run fn on rank 0, then on the other ranks, for work that fills a cache the others
-    then find (a download). A failure on rank 0 stops every rank, none is left waiting."""
-    error = None
-    if misc.is_main_process():
-        try:
-            fn()
-        except UserInputError as e:
-            error = e
-    failed = misc.all_reduce_sum([float(error is not None)], device)[0]
-    if error is not None:
-        raise error
-    if failed:
-        raise UserInputError(f"rank 0 could not {what}; its error message says why")
-    if not misc.is_main_process():
-        fn()
+        fid.check_prc_ref_dir(args.prc_ref_dir, args.num_images)
 
 
 def load_model_state(model, ckpt, path, args, training):

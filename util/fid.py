@@ -115,6 +115,16 @@ def load_inception_state(weights_path=None):
     return state
 
 
+def check_prc_ref_dir(path, num_images):
+    """Precision/recall's real images: a folder with more than k (3) images, and more
+    than k generated ones. Returns the number of real images."""
+    real = len(list_images(path))
+    if min(real, num_images) <= PRC_NEIGHBOURS:
+        raise UserInputError(f"precision/recall need more than {PRC_NEIGHBOURS} generated and real images "
+                             f"(--num_images {num_images}, {real} in --prc_ref_dir {path})")
+    return real
+
+
 def check_inception_weights(path=None):
     """Load the Inception weights (`path`, or None: torch-fidelity's file, downloaded once
     into the torch hub cache) with weights_only=True and check every key and shape against
@@ -286,6 +296,36 @@ def compute_metrics(features, reference, real_features=None):
     if real_features is not None:
         metrics["precision"], metrics["recall"] = precision_recall(features[FID_FEATURE], real_features[FID_FEATURE])
     return metrics
+
+
+class Scorer:
+    """What scoring generated images needs, loaded once and reused for every batch of
+    images (one `--evaluate_gen`, each setting of a sweep): the Inception network, the
+    reference statistics and, for precision/recall, the real images' features.
+
+    inception: a network from build_inception to share, None builds one (weights_path).
+    prc_ref_dir: a folder of real images (centre-cropped to img_size), features extracted
+    once by all ranks together."""
+
+    def __init__(self, device, stats_path, weights_path=None, prc_ref_dir=None, img_size=None, num_workers=0,
+                 inception=None):
+        self.device = device
+        self.inception = inception if inception is not None else build_inception(device, weights_path)
+        self.reference = load_stats(stats_path)
+        self.real = None
+        if prc_ref_dir:
+            self.real = extract_features(list_images(prc_ref_dir), self.inception, device, img_size=img_size,
+                                         num_workers=num_workers)
+
+    def feature_bank(self):
+        """An empty FeatureBank for one set of generated images."""
+        return FeatureBank(self.inception)
+
+    def score(self, bank):
+        """FID, IS (and precision/recall) of the images in `bank` (every rank's, gathered
+        in id order): a dict of floats on rank 0, {} on the other ranks (all ranks call)."""
+        gathered = bank.gather(self.device)
+        return compute_metrics(gathered, self.reference, self.real) if misc.is_main_process() else {}
 
 
 def evaluate_folder(folder, stats_path, device, weights_path=None, prc_ref_dir=None, batch_size=FEATURE_BATCH,

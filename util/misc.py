@@ -182,6 +182,24 @@ def init_distributed_mode(args):
     return device
 
 
+def rank0_first(fn, what, device):
+    """Run fn on rank 0, then on the other ranks, for work that fills a cache the others
+    then find (a download). A failure on rank 0 stops every rank, none is left waiting."""
+    error = None
+    if is_main_process():
+        try:
+            fn()
+        except UserInputError as e:
+            error = e
+    failed = all_reduce_sum([float(error is not None)], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise UserInputError(f"rank 0 could not {what}; its error message says why")
+    if not is_main_process():
+        fn()
+
+
 def cleanup_distributed():
     """Leave the process group (no barrier: after an error the other ranks may be gone)."""
     if is_dist():

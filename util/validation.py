@@ -40,6 +40,54 @@ def ema_rate(flag, value):
     return x
 
 
+def parse_value_list(flag, text, check):
+    """'1,2,3' -> [1.0, 2.0, 3.0] (each passed through `check(flag, value)`, e.g.
+    finite_positive), duplicates dropped, order kept; an empty list or a non-number is
+    refused with one sentence."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        raise UserInputError(f"{flag} {text!r} is empty; give comma-separated values, e.g. {flag} 1,2,3")
+    values = []
+    for item in items:
+        if not item:
+            raise UserInputError(f"{flag} {text!r} has an empty entry; give comma-separated values, e.g. 1,2,3")
+        value = check(flag, item)
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def parse_sampling_grid(cfg=None, temperature=None, num_iter_lists=None):
+    """The grid of a sampling sweep: cfg '1,2,3' (each >= 0), temperature '0.9,1.0' (each
+    > 0) and num_iter_lists ['64,16', '32,8'] (each a list of positive ints); None leaves
+    that axis to the caller. Returns (cfgs, temperatures, num_iter_lists), lists or None."""
+    cfgs = parse_value_list("--cfg", cfg, finite_nonnegative) if cfg is not None else None
+    temperatures = parse_value_list("--temperature", temperature, finite_positive) if temperature is not None else None
+    if num_iter_lists is not None:
+        if not num_iter_lists:
+            raise UserInputError("--num_iter_list is empty; give one or more lists, e.g. --num_iter_list 64,16 32,16")
+        parsed = []
+        for text in num_iter_lists:
+            value = parse_num_iter_list(text)
+            if value is None:
+                raise UserInputError("--num_iter_list has an empty entry; give lists such as 64,16")
+            if value not in parsed:
+                parsed.append(value)
+        num_iter_lists = parsed
+    return cfgs, temperatures, num_iter_lists
+
+
+def check_num_images(num_images, class_num, flag="--num_images"):
+    """At least 2 images (FID needs a covariance), a multiple of class_num (class-balanced)."""
+    positive_int(flag, num_images)
+    if num_images % class_num:
+        raise UserInputError(f"{flag} {num_images} is not divisible by class_num {class_num}; class-balanced "
+                             f"generation needs a multiple, e.g. {max(1, num_images // class_num) * class_num}")
+    if num_images < 2:
+        raise UserInputError(f"{flag} {num_images}: FID needs at least 2 images")
+    return num_images
+
+
 def check_device(name, flag="--device"):
     """'cpu', 'cuda', 'cuda:N' (or 'auto'/None: CUDA when present) -> torch.device, checking
     that the device exists on this machine."""

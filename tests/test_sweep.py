@@ -1,0 +1,174 @@
+"""`python -m util.sweep`: a cfg x temperature sweep scored by FID (offline: conftest's
+randomly initialised Inception), the best row, resuming, --store and bad grids."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from models import create_model, load_model
+from util import checkpoint as ckpt_util
+from util import fid, sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = "fractalmar_tiny"
+# 2 cfg x 2 temperatures at 2 iterations per level: 4 settings of 4 images, seconds each
+GRID = ["--cfg", "1,3", "--temperature", "0.5,1.5", "--num_iter_list", "2,2", "--num_images", "4"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """An (untrained) tiny MAR checkpoint as main_fractalgen.py writes it, 2 classes."""
+    torch.manual_seed(0)
+    model = create_model(TINY, class_num=2)
+    path = str(tmp_path / "run" / "checkpoint-last.pth")
+    os.makedirs(os.path.dirname(path))
+    ckpt_util.save_checkpoint({"model": model.state_dict(), "epoch": 7, "args": argparse.Namespace(model=TINY),
+                               "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+def run_sweep(ckpt, inception_weights, *extra):
+    return sweep.main(["--resume", os.path.dirname(ckpt), "--inception_weights", inception_weights, "--device", "cpu",
+                       "--num_workers", "0", *GRID, *map(str, extra)])
+
+
+class Counting:
+    """Stands in for evaluate_gen: records the settings generated, runs the real one, and
+    raises KeyboardInterrupt (Ctrl-C) instead on call number `stop_at`."""
+
+    def __init__(self, real, stop_at=None):
+        self.real, self.calls, self.stop_at = real, [], stop_at
+
+    def __call__(self, model, args, **kwargs):
+        self.calls.append((args.cfg, args.temperature))
+        if len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        return self.real(model, args, **kwargs)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    real = sweep.evaluate_gen
+
+    def make(stop_at=None):
+        wrapper = Counting(real, stop_at)
+        monkeypatch.setattr(sweep, "evaluate_gen", wrapper)
+        return wrapper
+    return make
+
+
+def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
+        ckpt, tiny_data, inception_weights, counting, monkeypatch, capsys):
+    before = ckpt_util.load_checkpoint(ckpt)
+    result = run_sweep(ckpt, inception_weights, "--data_path", tiny_data, "--store")
+    out = capsys.readouterr().out
+    rows, best = result["rows"], result["best"]
+
+    # the grid, each setting scored once; the marked row is the lowest FID of the grid
+    assert sorted((r["setting"]["cfg"], r["setting"]["temperature"]) for r in rows) == [
+        (1.0, 0.5), (1.0, 1.5), (3.0, 0.5), (3.0, 1.5)]
+    fids = [r["metrics"]["fid"] for r in rows]
+    assert len(set(fids)) == 4, "settings that score alike cannot tell a best row"
+    assert fids[best] == min(fids)
+    marked = [line for line in result["table"].splitlines() if "<- best" in line]
+    assert len(marked) == 1 and marked[0].startswith("*")
+    assert sweep.format_fid(min(fids)) in marked[0].split()
+    assert "<- best" in out and "4 class-balanced images per setting" in out
+
+    # the recorded FID is util.fid's number for the setting's PNG folder
+    stats = result["stats_path"]
+    assert os.path.dirname(stats) == os.path.dirname(ckpt)  # cached beside the checkpoint
+    again = fid.evaluate_folder(rows[best]["folder"], stats, torch.device("cpu"), inception_weights)
+    assert again["fid"] == pytest.approx(fids[best], rel=1e-6, abs=1e-9)
+    # ... and the cached statistics are those of the data's train/ images, centre-cropped
+    inception = fid.build_inception(torch.device("cpu"), inception_weights)
+    features = fid.extract_features(fid.list_images(os.path.join(tiny_data, "train")), inception,
+                                    torch.device("cpu"), img_size=16)
+    mu, _ = fid.mean_and_cov(features[fid.FID_FEATURE])
+    assert abs(fid.load_stats(stats)[0] - mu).max() < 1e-6
+
+    # pictures: a contact-sheet row per setting, a heat map
+    with Image.open(result["sheet"]) as sheet, Image.open(result["heat_map"]) as heat:
+        assert sheet.height > 4 * sweep.SHEET_TILE and heat.width >= 2 * sweep.CELL[0]
+    recorded = json.load(open(os.path.join(result["output_dir"], sweep.RESULTS_NAME)))["results"]
+    assert len(recorded) == 4
+
+    # --store: the winner is the checkpoint's sampling setting, the official keys untouched
+    after = ckpt_util.load_checkpoint(ckpt)
+    winner = rows[best]["setting"]
+    assert after["sampling"] == {**winner, "num_iter_list": [2, 2]}
+    assert after["sampling_source"]["by"] == "sweep" and after["sampling_source"]["num_images"] == 4
+    assert after["epoch"] == before["epoch"] and vars(after["args"]) == vars(before["args"])
+    assert after["optimizer"] == before["optimizer"]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+
+    # load_model(...).generate() samples with the winner from then on
+    model = load_model(ckpt)
+    assert model.sampling_config() == {**winner, "num_iter_list": (2, 2)}
+    torch.manual_seed(3)
+    default = model.generate([0, 1])
+    torch.manual_seed(3)
+    explicit = model.generate([0, 1], **{**winner, "num_iter_list": (2, 2)})
+    assert torch.equal(default, explicit)
+
+    # a second run finds everything done: no generation, statistics not recomputed
+    wrapper = counting()
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: pytest.fail("statistics recomputed"))
+    again = run_sweep(ckpt, inception_weights, "--data_path", tiny_data)
+    assert wrapper.calls == [] and again["best"] == best
+    assert "cached" in capsys.readouterr().out
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_settings(ckpt, fid_stats, inception_weights, counting):
+    first = counting(stop_at=3)
+    with pytest.raises(SystemExit) as stop:
+        run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats)
+    assert stop.value.code == 130
+    results = os.path.join(os.path.dirname(ckpt), "sweep", sweep.RESULTS_NAME)
+    done = json.load(open(results))["results"]
+    assert len(done) == 2  # the two finished settings were recorded, the interrupted one not
+    finished = [(r["setting"]["cfg"], r["setting"]["temperature"]) for r in done]
+    assert finished == first.calls[:2]
+
+    second = counting()
+    result = run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats)
+    assert len(second.calls) == 2 and not set(second.calls) & set(finished)
+    assert len(result["rows"]) == 4
+    # recorded numbers of the first run are kept as they were
+    assert [r["metrics"] for r in json.load(open(results))["results"][:2]] == [r["metrics"] for r in done]
+
+    # another image count is another measurement: nothing is reused
+    third = counting()
+    run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, "--num_images", 2, "--cfg", 1)
+    assert len(third.calls) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg", "-1"], r"--cfg must be a finite number of 0 or more, got -1"),
+    (["--cfg", ""], r"--cfg '' is empty"),
+    (["--cfg", "1,,2"], r"--cfg '1,,2' has an empty entry"),
+    (["--cfg", "two"], r"--cfg must be a number, got 'two'"),
+    (["--temperature", "0"], r"--temperature must be a finite number above 0, got 0"),
+    (["--temperature", "1,nan"], r"--temperature must be a finite number above 0"),
+    (["--num_iter_list", "0,2"], r"--num_iter_list '0,2' must hold positive integers"),
+    (["--num_iter_list", "a"], r"--num_iter_list 'a' must be comma-separated integers"),
+    (["--num_images", "0"], r"--num_images must be at least 1"),
+])
+def test_bad_grids_get_one_line_before_any_work(tmp_path, flags, message, capsys):
+    """Checked before the checkpoint is even looked for (--resume names nothing here)."""
+    import re
+    missing = str(tmp_path / "absent")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--resume", missing, "--fid_stats_path", "x.npz", *flags])
+    text = str(stop.value.code)
+    assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
+    assert not os.path.exists(missing)
+
+
+def test_num_images_must_balance_the_classes(ckpt, fid_stats, inception_weights):
+    with pytest.raises(SystemExit, match=r"--num_images 3 is not divisible by class_num 2"):
+        run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, "--num_images", 3)
+    assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "sweep"))
