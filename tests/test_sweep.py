@@ -61,7 +61,7 @@ def counting(monkeypatch):
 
 
 def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
-        ckpt, tiny_data, inception_weights, counting, monkeypatch, capsys):
+        ckpt, tiny_data, fid_stats, inception_weights, counting, monkeypatch, capsys):
     before = ckpt_util.load_checkpoint(ckpt)
     result = run_sweep(ckpt, inception_weights, "--data_path", tiny_data, "--store")
     out = capsys.readouterr().out
@@ -78,17 +78,11 @@ def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
     assert sweep.format_fid(min(fids)) in marked[0].split()
     assert "<- best" in out and "4 class-balanced images per setting" in out
 
-    # the recorded FID is util.fid's number for the setting's PNG folder
+    # the statistics are computed once from the data's train/ images, centre-cropped, and
+    # cached beside the checkpoint (conftest's fid_stats are those of the same images)
     stats = result["stats_path"]
-    assert os.path.dirname(stats) == os.path.dirname(ckpt)  # cached beside the checkpoint
-    again = fid.evaluate_folder(rows[best]["folder"], stats, torch.device("cpu"), inception_weights)
-    assert again["fid"] == pytest.approx(fids[best], rel=1e-6, abs=1e-9)
-    # ... and the cached statistics are those of the data's train/ images, centre-cropped
-    inception = fid.build_inception(torch.device("cpu"), inception_weights)
-    features = fid.extract_features(fid.list_images(os.path.join(tiny_data, "train")), inception,
-                                    torch.device("cpu"), img_size=16)
-    mu, _ = fid.mean_and_cov(features[fid.FID_FEATURE])
-    assert abs(fid.load_stats(stats)[0] - mu).max() < 1e-6
+    assert os.path.dirname(stats) == os.path.dirname(ckpt)
+    assert abs(fid.load_stats(stats)[0] - fid.load_stats(fid_stats)[0]).max() < 1e-6
 
     # pictures: a contact-sheet row per setting, a heat map
     with Image.open(result["sheet"]) as sheet, Image.open(result["heat_map"]) as heat:
@@ -123,27 +117,42 @@ def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_settings(ckpt, fid_stats, inception_weights, counting):
-    first = counting(stop_at=3)
+    grid = ("--cfg", "1,2,3", "--temperature", "1")  # 3 settings: Ctrl-C in the second
+    first = counting(stop_at=2)
     with pytest.raises(SystemExit) as stop:
-        run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats)
+        run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, *grid)
     assert stop.value.code == 130
     results = os.path.join(os.path.dirname(ckpt), "sweep", sweep.RESULTS_NAME)
     done = json.load(open(results))["results"]
-    assert len(done) == 2  # the two finished settings were recorded, the interrupted one not
-    finished = [(r["setting"]["cfg"], r["setting"]["temperature"]) for r in done]
-    assert finished == first.calls[:2]
+    assert [(r["setting"]["cfg"], r["setting"]["temperature"]) for r in done] == first.calls[:1] == [(1.0, 1.0)]
 
     second = counting()
-    result = run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats)
-    assert len(second.calls) == 2 and not set(second.calls) & set(finished)
-    assert len(result["rows"]) == 4
-    # recorded numbers of the first run are kept as they were
-    assert [r["metrics"] for r in json.load(open(results))["results"][:2]] == [r["metrics"] for r in done]
+    result = run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, *grid)
+    assert second.calls == [(2.0, 1.0), (3.0, 1.0)]
+    assert [r["setting"]["cfg"] for r in result["rows"]] == [1.0, 2.0, 3.0]
+    assert json.load(open(results))["results"][0] == done[0]  # the first run's record, kept as it was
 
-    # another image count is another measurement: nothing is reused
-    third = counting()
-    run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, "--num_images", 2, "--cfg", 1)
-    assert len(third.calls) == 2
+
+def test_results_are_reused_only_for_the_same_measurement():
+    """Another image count, seed, reference or checkpoint is another measurement."""
+    setting = dict(num_iter_list=[2, 2], cfg=1.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
+    context = {"weights": "abc", "reference": "def", "num_images": 4, "seed": 0}
+    results = [{"context": context, "setting": setting, "metrics": {"fid": 1.0}}]
+    assert sweep.find_result(results, dict(context), {**setting, "num_iter_list": (2, 2)}) is results[0]
+    for key, value in [("num_images", 8), ("seed", 1), ("reference", "xyz"), ("weights", "retrained")]:
+        assert sweep.find_result(results, {**context, key: value}, setting) is None
+    assert sweep.find_result(results, context, {**setting, "cfg": 2.0}) is None
+
+
+def test_the_best_row_is_the_lowest_fid_wherever_it_is():
+    def rows(fids):
+        return [{"setting": dict(cfg=float(i), temperature=1.0, num_iter_list=[2, 2]),
+                 "metrics": {"fid": f, "inception_score": 1.0}, "sec_per_image": 0.1} for i, f in enumerate(fids)]
+    for fids, best in [([3.0, 1.0, 2.0], 1), ([1.0, 2.0, 3.0], 0), ([3.0, 2.0, 1.0], 2), ([2.0, 1.0, 1.0], 1)]:
+        assert sweep.best_index(rows(fids)) == best
+        lines = sweep.format_table(rows(fids), best, 4).splitlines()
+        assert [i for i, line in enumerate(lines[1:]) if line.startswith("*")] == [best]
+        assert lines[best + 1].endswith("<- best (lowest FID)")
 
 
 @pytest.mark.parametrize("flags, message", [
