@@ -34,7 +34,8 @@ import main_fractalgen  # noqa: E402
 from demo.sample import StepBar  # noqa: E402
 from models import DEFAULT_SAMPLING, load_model  # noqa: E402
 from util import toy_data  # noqa: E402
-from util.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint  # noqa: E402
+from util import checkpoint as ckpt_util  # noqa: E402
+from util.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
 from util.misc import UserInputError, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
 from util.masks import make_mask  # noqa: E402
@@ -169,11 +170,7 @@ def remove_training_outputs(train_dir):
 def store_sampling(train_dir, settings):
     """Record the sampling settings in the checkpoint (its 'sampling' entry), so that
     models.load_model, demo/sample.py and the notebook sample it as the quick start did."""
-    path = os.path.join(train_dir, CHECKPOINT_NAME)
-    ckpt = load_checkpoint(path)
-    if ckpt.get("sampling") != settings:
-        ckpt["sampling"] = settings
-        save_checkpoint(ckpt, path)  # atomic: the old file stays whole until the new one is
+    ckpt_util.store_sampling(os.path.join(train_dir, CHECKPOINT_NAME), settings, {"by": "quick start"})
 
 
 # ---------------------------------------------------------------------- hints

@@ -181,3 +181,29 @@ def test_num_images_must_balance_the_classes(ckpt, fid_stats, inception_weights)
     with pytest.raises(SystemExit, match=r"--num_images 3 is not divisible by class_num 2"):
         run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, "--num_images", 3)
     assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "sweep"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_images_and_compute_the_statistics_together(
+        ckpt, tiny_data, inception_weights, child_env, capsys):
+    """torchrun, 2 CPU processes over gloo: every setting's images come from both ranks (ids
+    0..N-1 once), the cached statistics are written once, the winner stored; a later
+    one-process run finds everything done."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "util.sweep",
+           "--resume", os.path.dirname(ckpt), "--inception_weights", inception_weights, "--device", "cpu",
+           "--num_workers", "0", "--data_path", tiny_data, "--cfg", "1,3", "--temperature", "1",
+           "--num_iter_list", "2,2", "--num_images", "4", "--gen_bsz", "1", "--store"]
+    proc = subprocess.run(cmd, cwd=repo, env=child_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout
+    assert proc.stdout.count("generated 4 images") == 2 and proc.stdout.count("<- best") == 1
+    folders = [d for d in os.listdir(os.path.join(os.path.dirname(ckpt), "sweep")) if d.startswith("gen-")]
+    for folder in folders:  # ids 0..3, two written by each rank
+        assert sorted(os.listdir(os.path.join(os.path.dirname(ckpt), "sweep", folder))) == [
+            f"{i:05d}.png" for i in range(4)]
+    assert ckpt_util.load_checkpoint(ckpt)["sampling_source"]["by"] == "sweep"
+    result = run_sweep(ckpt, inception_weights, "--data_path", tiny_data, "--cfg", "1,3", "--temperature", "1")
+    assert "(2 already done" in capsys.readouterr().out and len(result["rows"]) == 2

@@ -62,6 +62,23 @@ def save_checkpoint(state, path, keep_previous=False):
         _fsync_folder(folder)
 
 
+SAMPLING_SOURCE = "sampling_source"  # who stored a checkpoint's 'sampling' settings, on what evidence
+
+
+def store_sampling(path, settings, source):
+    """Make `settings` (a dict of sampling settings) the stored sampling settings of the
+    checkpoint at `path` (its 'sampling' entry), recording `source` (a dict; its 'by' says
+    who chose them: "sweep", "quick start") under 'sampling_source'. The official entries
+    and the weights stay as they are; the file is replaced atomically. Returns True when
+    the file changed."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("sampling") == settings and ckpt.get(SAMPLING_SOURCE) == source:
+        return False
+    ckpt["sampling"], ckpt[SAMPLING_SOURCE] = settings, source
+    save_checkpoint(ckpt, path)
+    return True
+
+
 def remove_stale_temp_files(folder):
     """Delete temp files that killed saves left in `folder` (ours, `*.pth.tmp`, and the
     `*.pth.tmp-<pid>` of earlier versions); returns their names."""

@@ -311,7 +311,7 @@ class Scorer:
                  inception=None):
         self.device = device
         self.inception = inception if inception is not None else build_inception(device, weights_path)
-        self.reference = load_stats(stats_path)
+        self.reference = load_stats(stats_path) if misc.is_main_process() else None  # scored on rank 0
         self.real = None
         if prc_ref_dir:
             self.real = extract_features(list_images(prc_ref_dir), self.inception, device, img_size=img_size,

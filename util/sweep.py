@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import util.misc as misc
-from engine_fractalgen import evaluate_gen, generation_folder
+from engine_fractalgen import evaluate_gen
 from models import load_model
 from models.loading import resolve_checkpoint
 from models.fractalgen import SAMPLING_KEYS
@@ -44,7 +44,6 @@ from util.misc import UserInputError, print0
 
 RESULTS_NAME, TABLE_NAME = "sweep.json", "table.txt"
 SHEET_NAME, HEATMAP_NAME = "contact_sheet.png", "fid_heatmap.png"
-SOURCE_KEY = "sampling_source"  # checkpoint entry: who stored its 'sampling' settings, and on what evidence
 SHEET_TILE = 64    # pixels: contact-sheet tiles are enlarged (nearest neighbour) to about this height
 LABEL_WIDTH = 330  # pixels of the label column of the contact sheet
 CELL = (84, 44)    # heat-map cell (width, height)
@@ -192,7 +191,7 @@ def reference_stats(args, ckpt_path, img_size, inception, device):
         return args.fid_stats_path
     folder, files = data_images(args.data_path)
     path = cached_stats_path(ckpt_path, folder, files, img_size, args.inception_weights)
-    if os.path.isfile(path):
+    if from_rank0(os.path.isfile(path)):  # rank 0's file decides: the folder need not be shared
         print0(f"FID reference: {path} (statistics of {len(files)} images in {folder}, cached)")
         return path
     print0(f"FID reference: statistics of {len(files)} images in {folder} (centre-cropped to {img_size}), "
@@ -204,6 +203,15 @@ def reference_stats(args, ckpt_path, img_size, inception, device):
             fid.save_stats(path, mu, sigma)
     misc.barrier()
     return path
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (what rank 0 found on its disk decides for all)."""
+    if not misc.is_dist():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---------------------------------------------------------------------- results
@@ -270,16 +278,18 @@ def _font(size):
     return ImageFont.load_default(size)
 
 
-def sample_tiles(folder, num_images, count):
+def sample_tiles(folder, count):
     """`count` of the setting's PNGs spread evenly over the image ids (so over the classes:
-    the labels run 0,0,..,1,1,..); None when the folder is gone."""
-    ids = sorted({int(i * num_images / count) for i in range(count)})
+    the labels run 0,0,..,1,1,..); None when the folder is gone. Under several processes
+    without a shared folder, rank 0 picks among the images it wrote."""
+    if not os.path.isdir(folder):
+        return None
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".png"))
+    if not files:
+        return None
     tiles = []
-    for image_id in ids:
-        path = os.path.join(folder, f"{image_id:0{max(5, len(str(num_images - 1)))}d}.png")
-        if not os.path.isfile(path):
-            return None
-        with Image.open(path) as image:
+    for index in sorted({int(i * len(files) / count) for i in range(count)}):
+        with Image.open(os.path.join(folder, files[index])) as image:
             tiles.append(image.convert("RGB"))
     return tiles
 
@@ -287,7 +297,7 @@ def sample_tiles(folder, num_images, count):
 def contact_sheet(rows, best, path, num_images, per_row):
     """One row per setting: the label (settings, FID) and `per_row` of its samples."""
     font = _font(15)
-    strips = [sample_tiles(row["folder"], num_images, per_row) for row in rows]
+    strips = [sample_tiles(row["folder"], per_row) for row in rows]
     size = next((tiles[0].size for tiles in strips if tiles), (16, 16))
     scale = max(1, round(SHEET_TILE / size[1]))
     tile_w, tile_h = size[0] * scale, size[1] * scale
@@ -379,18 +389,6 @@ def _save_png(image, path):
         image.save(tmp, format="PNG")
 
 
-# ---------------------------------------------------------------------- --store
-def store_winner(ckpt_path, setting, source):
-    """Write `setting` as the checkpoint's stored sampling settings ('sampling'), with
-    `source` (who chose them, on what evidence) under 'sampling_source'; the official
-    keys and everything else stay as they are. Atomic (util.checkpoint.save_checkpoint)."""
-    ckpt = ckpt_util.load_checkpoint(ckpt_path)
-    ckpt["sampling"] = {k: _plain(setting[k]) for k in SAMPLING_KEYS}
-    ckpt[SOURCE_KEY] = source
-    with misc.writing(ckpt_path, flag="--resume"):
-        ckpt_util.save_checkpoint(ckpt, ckpt_path)
-
-
 # ---------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
@@ -433,11 +431,15 @@ def run(args):
     stats_path = reference_stats(args, ckpt_path, model.img_size, inception, device)
     scorer = fid.Scorer(device, stats_path, inception=inception, prc_ref_dir=args.prc_ref_dir,
                         img_size=model.img_size, num_workers=min(args.num_workers, 8))
-    context = run_context(args, model, stats_path)
+    # rank 0 keeps the results (the output folder need not be shared) and says what is left
     results_path = os.path.join(output_dir, RESULTS_NAME)
-    results = load_results(results_path)
-    misc.barrier()  # every rank has read the results before rank 0 rewrites them
-    todo = [s for s in settings if find_result(results, context, s) is None]
+    context = results = None
+    if misc.is_main_process():
+        context = run_context(args, model, stats_path)
+        results = load_results(results_path)
+    todo = from_rank0(None if results is None else
+                      [i for i, s in enumerate(settings) if find_result(results, context, s) is None])
+    todo = [settings[i] for i in todo]
     print0(f"sweep of {ckpt_path}: {len(settings)} settings x {args.num_images} images"
            + (f" ({len(settings) - len(todo)} already done in {results_path})" if len(todo) < len(settings) else "")
            + f"; {misc.get_world_size()} process(es) on {device}")
@@ -487,7 +489,8 @@ def report(args, settings, results, context, ckpt_path, stats_path, output_dir):
         source = {"by": "sweep", "fid": winner["metrics"]["fid"], "num_images": args.num_images,
                   "reference": os.path.abspath(stats_path), "settings_tried": len(rows),
                   "date": datetime.date.today().isoformat()}
-        store_winner(ckpt_path, winner["setting"], source)
+        with misc.writing(ckpt_path, flag="--resume"):
+            ckpt_util.store_sampling(ckpt_path, {k: winner["setting"][k] for k in SAMPLING_KEYS}, source)
         print(f"stored in {ckpt_path}: {describe(winner['setting'])} (FID {format_fid(winner['metrics']['fid'])}); "
               f"models.load_model, demo/sample.py, the notebook and --evaluate_gen now sample with it")
     else:
