@@ -17,7 +17,7 @@ setting's numbers, rewritten atomically as each finishes: rerun the same command
 interruption and the finished settings are skipped), table.txt, contact_sheet.png (a row
 of samples per setting, FID in the label) and fid_heatmap.png. --store writes the winner
 (lowest FID) into the checkpoint's stored sampling settings, which models.load_model,
-demo/sample.py, the notebook and main_fractalgen.py --evaluate_gen use from then on.
+demo/sample.py and the notebook use from then on.
 Unset axes (--cfg, --temperature, --num_iter_list) and --cfg_schedule / --filter_threshold
 take the checkpoint's current sampling settings (FractalGen.sampling_config).
 """
@@ -492,7 +492,7 @@ def report(args, settings, results, context, ckpt_path, stats_path, output_dir):
         with misc.writing(ckpt_path, flag="--resume"):
             ckpt_util.store_sampling(ckpt_path, {k: winner["setting"][k] for k in SAMPLING_KEYS}, source)
         print(f"stored in {ckpt_path}: {describe(winner['setting'])} (FID {format_fid(winner['metrics']['fid'])}); "
-              f"models.load_model, demo/sample.py, the notebook and --evaluate_gen now sample with it")
+              f"models.load_model, demo/sample.py and the notebook now sample with it")
     else:
         print(f"best: {describe(winner['setting'])}; rerun with --store to make it the checkpoint's default "
               f"(the finished settings are not redone)")
