@@ -7,9 +7,10 @@
     python demo/sample.py --ckpt pretrained_models/fractalmar_in64 --task inpaint --input dog.png --labels 207
     python demo/sample.py --ckpt quickstart_out/train --task edit --input square.png --labels 0
 
---ckpt takes a checkpoint file, a folder holding checkpoint-last.pth (official or ours), or
-the name of an official model (add --download to fetch it); models.load_model builds the
-model from the checkpoint alone (the configuration record it stores; official files name
+--ckpt takes a checkpoint file, a folder holding checkpoint-last.pth (official or ours),
+the name of an official model (add --download to fetch it), a Hub folder (config.json +
+model.safetensors, docs/sharing.md) or a Hub id hf-hub:USER/NAME; models.load_model builds
+the model from the checkpoint alone (the configuration record it stores; official files name
 their model). Sampling options left unset take the settings stored with the checkpoint (the quick
 start stores its own), else the model's DEFAULT_SAMPLING. Every flag is checked before the
 checkpoint is read; a bad one stops with one line and nothing written.
@@ -125,7 +126,9 @@ def layout(images, shown_input, per_row):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
                                             "or inpaint/outpaint/uncrop/edit an image).")
-    p.add_argument("--ckpt", required=True, help="checkpoint file, folder with checkpoint-last.pth, or an official model name")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint file, folder with checkpoint-last.pth, an official model name, a Hub folder "
+                        "(config.json + model.safetensors) or a Hub id hf-hub:USER/NAME")
     p.add_argument("--model", default=None,
                    help="architecture: a model name or a JSON configuration file, for a checkpoint that does not "
                         "say (default: the checkpoint's own configuration, else its args or folder name)")

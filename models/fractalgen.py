@@ -8,7 +8,9 @@ import functools
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
 
+from . import hub
 from .ar import AR, ARBlock
 from .checks import NUM_LEVEL0_CONDS, SAMPLING_KEYS, check_architecture
 from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps
@@ -25,7 +27,7 @@ class CheckpointMismatchError(ValueError):
     """A state_dict that does not fit the model's architecture."""
 
 
-class FractalGen(nn.Module):
+class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
     def __init__(self, img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
                  generator_type_list, label_drop_prob=0.1, class_num=1000, attn_dropout=0.1,
                  proj_dropout=0.1, guiding_pixel=False, num_conds=1, r_weight=1.0,
@@ -265,6 +267,23 @@ class FractalGen(nn.Module):
         finally:
             self.train(was_training)
         return to_uint8(imgs)
+
+    # ------------------------------------------------------------------ Hub folders
+    def save_pretrained(self, save_directory, *, config=None, model_card_kwargs=None, **kwargs):
+        """Write a Hub folder: config.json (`models.hub.folder_config`: the configuration
+        record, the sampling settings, which weights), model.safetensors and README.md (a
+        model card, kept if the folder has one). push_to_hub(repo_id) uploads the same
+        folder (huggingface_hub's PyTorchModelHubMixin does both)."""
+        return super().save_pretrained(save_directory, config=config or hub.folder_config(self),
+                                       model_card_kwargs=model_card_kwargs or hub.card_kwargs(self), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, device="cpu", revision=None, **hub_kwargs):
+        """The model of a Hub folder: a local folder, or a Hub repository id ("user/name",
+        or "hf-hub:user/name@revision") downloaded through huggingface_hub (hub_kwargs:
+        cache_dir, force_download, local_files_only, token). Same as models.load_model."""
+        from .loading import load_pretrained  # models.loading builds models through models.config, which imports this module
+        return load_pretrained(pretrained_model_name_or_path, device=device, revision=revision, **hub_kwargs)
 
     # ------------------------------------------------------------------ speed options
     def compile_blocks(self, **compile_kwargs):

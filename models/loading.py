@@ -24,12 +24,15 @@ import argparse
 import os
 import pickle
 import re
+import zipfile
 
 import torch
 
 from .checks import check_sampling
 from .config import CONFIGS, SAMPLING, build, check_config, config_name, get_config, is_config_file
 from .errors import UserInputError
+from .fractalgen import CheckpointMismatchError
+from .hub import HUB_PREFIX, fetch_files, is_hub_source, read_folder_config, read_weights
 from .zoo import CHECKPOINT_NAME, PRETRAINED_URLS, download_pretrained
 
 CONFIG = "config"  # the checkpoint key of the configuration record
@@ -41,14 +44,18 @@ ARCH_ARGS = ("num_conds", "guiding_pixel")
 
 
 # ---------------------------------------------------------------------- safe loading
-def safe_load(path, what, allowed=()):
+def safe_load(path, what, allowed=(), mmap=False):
     """torch.load(path, weights_only=True) on the CPU, allowing only tensors, plain
     containers and the classes in `allowed`. A missing, corrupt or unsafe file raises
-    UserInputError with one sentence; `what` names the file in it (e.g. "checkpoint")."""
+    UserInputError with one sentence; `what` names the file in it (e.g. "checkpoint").
+    mmap: map the file's tensors instead of reading them into memory (for a load that
+    copies them into a model at once; files in the pre-1.6 format are read as before)."""
     if not os.path.isfile(path):
         raise UserInputError(f"{what} {path} does not exist")
     try:
         with torch.serialization.safe_globals(list(allowed)):
+            if mmap and zipfile.is_zipfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message goes on to suggest weights_only=False: never pass that advice on
@@ -63,13 +70,14 @@ def safe_load(path, what, allowed=()):
                              f"{text.splitlines()[0] if text else type(e).__name__}") from None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """Load a checkpoint dict on the CPU with weights_only=True (argparse.Namespace
-    allowed). Raises UserInputError with one sentence for a missing, corrupt or unsafe file."""
+    allowed; mmap: see safe_load). Raises UserInputError with one sentence for a missing,
+    corrupt or unsafe file."""
     if not os.path.isfile(path):
         raise UserInputError(f"no checkpoint at {path}; pass --resume with the folder that holds "
                              f"{CHECKPOINT_NAME} (or the file itself)")
-    ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS)
+    ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS, mmap=mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "
                              f"entry holding the state_dict")
@@ -106,7 +114,10 @@ def official_target(path_or_name, root="pretrained_models"):
 def resolve_checkpoint(path_or_name, download=False, root="pretrained_models", **download_kwargs):
     """File, folder or official model name -> path of an existing checkpoint file. A missing
     official checkpoint is downloaded when `download` (download_kwargs go to
-    models.zoo.download_pretrained, e.g. progress_bar), else the error says how to get it."""
+    models.zoo.download_pretrained, e.g. progress_bar), else the error says how to get it.
+    A Hub folder or id comes back as it is (load_model reads it)."""
+    if is_hub_source(path_or_name):
+        return os.fspath(path_or_name)
     path = os.fspath(path_or_name)
     file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
     if os.path.isfile(file):
@@ -116,7 +127,8 @@ def resolve_checkpoint(path_or_name, download=False, root="pretrained_models", *
     name, target = official_target(path, root)
     if name is None:
         raise UserInputError(f"checkpoint {path!r} not found; pass a checkpoint file, a folder holding "
-                             f"{CHECKPOINT_NAME}, or an official model name ({', '.join(PRETRAINED_URLS)})")
+                             f"{CHECKPOINT_NAME} or config.json, {HUB_PREFIX}USER/NAME, or an official model name "
+                             f"({', '.join(PRETRAINED_URLS)})")
     if not download:
         raise UserInputError(f"{target} is not there yet; add --download (download=True in Python) or run "
                              f"`python util/download.py --model {name}`")
@@ -165,8 +177,10 @@ def checkpoint_config(ckpt, path, model=None):
 def load_model(path_or_name, model=None, device="cpu", download=False, root="pretrained_models", ema=True):
     """Build the model a checkpoint holds and load its weights strictly.
 
-    path_or_name: a checkpoint file, a folder holding checkpoint-last.pth, or an official
-    model name (looked up in `root`; fetched there when `download`). model: a name of
+    path_or_name: a checkpoint file, a folder holding checkpoint-last.pth, an official
+    model name (looked up in `root`; fetched there when `download`), a Hub folder
+    (config.json + model.safetensors, see models.hub) or a Hub id `hf-hub:USER/NAME`
+    (`hf-hub:USER/NAME@REVISION`), downloaded through huggingface_hub. model: a name of
     models.CONFIGS or a JSON configuration file, for a checkpoint that does not say (or to
     override what it says). ema: load the checkpoint's EMA weights ('model_ema') when it
     has them; False: the raw weights ('model'). Returns the FractalGen in eval mode on
@@ -174,8 +188,13 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
     `sampling_defaults` (the record's sampling settings, overridden by the checkpoint's
     'sampling') set. Bad input raises UserInputError
     (models.zoo.DownloadError for a failed download) with one sentence."""
+    if is_hub_source(path_or_name):
+        if model is not None:
+            raise UserInputError(f"{os.fspath(path_or_name)} is a Hub folder: its config.json says what model it is; "
+                                 f"leave out --model (model=)")
+        return load_pretrained(path_or_name, device=device)
     path = resolve_checkpoint(path_or_name, download=download, root=root)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # the weights are copied into the model: no second copy in memory
     record, name = checkpoint_config(ckpt, path, model)
     use_ema = ema and ckpt.get(EMA_KEY) is not None
     try:
@@ -184,8 +203,34 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
     except ValueError as e:  # a CheckpointMismatchError
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
     net.weights = "ema" if use_ema else "raw"
+    net.sampling_defaults = sampling_defaults(record)
+    return net.to(device).eval()
+
+
+def sampling_defaults(record):
+    """The record's sampling settings as generate() takes them."""
     sampling = dict(record.get(SAMPLING) or {})
     if "num_iter_list" in sampling:
         sampling["num_iter_list"] = tuple(sampling["num_iter_list"])
-    net.sampling_defaults = sampling
+    return sampling
+
+
+def load_pretrained(source, device="cpu", revision=None, **hub_kwargs):
+    """A Hub folder -> the FractalGen it holds (eval mode, on `device`): a local folder, or a
+    Hub repository ('hf-hub:USER/NAME[@REVISION]' or 'USER/NAME') fetched through
+    huggingface_hub (hub_kwargs: cache_dir, force_download, local_files_only, token). The
+    model is built from config.json and takes model.safetensors strictly: a folder whose
+    configuration does not build the weights it holds is refused with one sentence.
+    `model.weights` says whether they are EMA or raw weights."""
+    config_path, weights_path, where = fetch_files(source, revision=revision, **hub_kwargs)
+    record, name, weights = read_folder_config(config_path, where)
+    record = check_config(record, f"{where}: its config.json: ")
+    net = build(record, name)
+    try:
+        net.load_state_dict(read_weights(weights_path, where), strict=True)
+    except CheckpointMismatchError as e:
+        raise UserInputError(f"{where}: its config.json does not build the weights in model.safetensors "
+                             f"({str(e).split(': ', 1)[-1]}); the folder is inconsistent: export it again") from None
+    net.sampling_defaults = sampling_defaults(record)
+    net.weights = weights
     return net.to(device).eval()
