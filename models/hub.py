@@ -20,7 +20,6 @@ whether the Hub can be reached at all: when it cannot, the files come from the c
 the load stops at once with one line (hf_hub_download alone retries for about 25 s).
 This module imports no other module of the package but errors (models.fractalgen imports it).
 """
-import json
 import os
 import socket
 import urllib.parse
@@ -206,19 +205,9 @@ def download_error(error, repo_id, revision, name, endpoint, reason, offline):
 
 
 # ---------------------------------------------------------------------- reading the files
-def read_folder_config(path, where):
-    """config.json -> (configuration record, not yet checked; model name; weights kind)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserInputError(f"{where}: {CONFIG_FILE} is not valid JSON (line {e.lineno}, column {e.colno}: "
-                             f"{e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserInputError(f"cannot read {where}/{CONFIG_FILE} ({e})") from None
-    if not isinstance(config, dict):
-        raise UserInputError(f"{where}: {CONFIG_FILE} must hold a JSON object (FractalGen's configuration), "
-                             f"not a {type(config).__name__}")
+def split_folder_config(config, where):
+    """The parsed config.json of a folder -> (configuration record, not yet checked; model
+    name; weights kind)."""
     record = {k: v for k, v in config.items() if k not in FOLDER_KEYS}
     name, weights = config.get("model_name"), config.get("weights", "raw")
     if name is not None and not isinstance(name, str):

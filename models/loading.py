@@ -29,10 +29,11 @@ import zipfile
 import torch
 
 from .checks import check_sampling
-from .config import CONFIGS, SAMPLING, build, check_config, config_name, get_config, is_config_file
+from .config import (CONFIGS, SAMPLING, build, check_config, config_name, get_config, is_config_file,
+                     read_config_file)
 from .errors import UserInputError
 from .fractalgen import CheckpointMismatchError
-from .hub import HUB_PREFIX, fetch_files, is_hub_source, read_folder_config, read_weights
+from .hub import HUB_PREFIX, fetch_files, is_hub_source, read_weights, split_folder_config
 from .zoo import CHECKPOINT_NAME, PRETRAINED_URLS, download_pretrained
 
 CONFIG = "config"  # the checkpoint key of the configuration record
@@ -223,7 +224,7 @@ def load_pretrained(source, device="cpu", revision=None, **hub_kwargs):
     configuration does not build the weights it holds is refused with one sentence.
     `model.weights` says whether they are EMA or raw weights."""
     config_path, weights_path, where = fetch_files(source, revision=revision, **hub_kwargs)
-    record, name, weights = read_folder_config(config_path, where)
+    record, name, weights = split_folder_config(read_config_file(config_path), where)
     record = check_config(record, f"{where}: its config.json: ")
     net = build(record, name)
     try:

@@ -110,7 +110,7 @@ def test_a_folder_that_does_not_build_its_weights_is_refused_with_one_line(tmp_p
             load_model(str(folder))
         assert message in one_line_error(e) and str(folder) in str(e.value)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(UserInputError, match="config.json is not valid JSON"):
+    with pytest.raises(UserInputError, match="config.json is not valid JSON"):  # models.config's own check
         load_model(str(folder))
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserInputError, match="its config.json says what model it is; leave out --model"):

@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as `python util/export.py`: make the repo i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import load_model  # noqa: E402
-from models.config import check_config  # noqa: E402
-from models.hub import CONFIG_FILE, WEIGHTS_FILE, hub_endpoint, read_folder_config, unreachable  # noqa: E402
+from models.config import check_config, read_config_file  # noqa: E402
+from models.hub import CONFIG_FILE, WEIGHTS_FILE, hub_endpoint, split_folder_config, unreachable  # noqa: E402
 from models.zoo import DownloadError  # noqa: E402
 from util.misc import UserInputError, one_line, write_error_message  # noqa: E402
 from util.validation import positive_int  # noqa: E402
@@ -60,7 +60,7 @@ def verify(model, folder):
     """The folder's config.json rebuilds model.config and its model.safetensors holds
     model's tensors exactly (read one at a time: no second model in memory)."""
     from safetensors import safe_open
-    record, _, _ = read_folder_config(os.path.join(folder, CONFIG_FILE), folder)
+    record, _, _ = split_folder_config(read_config_file(os.path.join(folder, CONFIG_FILE)), folder)
     rebuilt = check_config(record)
     expected = check_config(model.config)
     if {k: v for k, v in rebuilt.items() if k != "sampling"} != {k: v for k, v in expected.items() if k != "sampling"}:
