@@ -193,7 +193,7 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
         if model is not None:
             raise UserInputError(f"{os.fspath(path_or_name)} is a Hub folder: its config.json says what model it is; "
                                  f"leave out --model (model=)")
-        return load_pretrained(path_or_name, device=device)
+        return load_pretrained(path_or_name, device=device, ema=ema)
     path = resolve_checkpoint(path_or_name, download=download, root=root)
     ckpt = load_checkpoint(path, mmap=True)  # the weights are copied into the model: no second copy in memory
     record, name = checkpoint_config(ckpt, path, model)
@@ -216,15 +216,19 @@ def sampling_defaults(record):
     return sampling
 
 
-def load_pretrained(source, device="cpu", revision=None, **hub_kwargs):
+def load_pretrained(source, device="cpu", revision=None, ema=True, **hub_kwargs):
     """A Hub folder -> the FractalGen it holds (eval mode, on `device`): a local folder, or a
     Hub repository ('hf-hub:USER/NAME[@REVISION]' or 'USER/NAME') fetched through
     huggingface_hub (hub_kwargs: cache_dir, force_download, local_files_only, token). The
     model is built from config.json and takes model.safetensors strictly: a folder whose
     configuration does not build the weights it holds is refused with one sentence.
-    `model.weights` says whether they are EMA or raw weights."""
+    `model.weights` says whether they are EMA or raw weights; ema=False refuses a folder
+    of EMA weights (it holds no others)."""
     config_path, weights_path, where = fetch_files(source, revision=revision, **hub_kwargs)
     record, name, weights = split_folder_config(read_config_file(config_path), where)
+    if not ema and weights == "ema":
+        raise UserInputError(f"{where} holds only EMA weights (its config.json says so); leave out --no_ema "
+                             f"(ema=False), or export the checkpoint again with --no_ema for its raw weights")
     record = check_config(record, f"{where}: its config.json: ")
     net = build(record, name)
     try:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import models
 from hub_server import COMMIT, FakeHub
 from models import FractalGen, create_model, load_model
-from models.hub import FOLDER_KEYS, folder_config
+from models.hub import FOLDER_KEYS, WEIGHTS, folder_config
 from util import export
 from util.misc import UserInputError
 
@@ -220,6 +220,24 @@ def test_export_refuses_what_weights_only_does_not_allow_and_bad_flags(tmp_path)
     with pytest.raises(SystemExit, match="--time_load must be at least 1"):
         export.main([str(tmp_path / "ok.pth"), str(tmp_path / "new"), "--time_load", "-1"])
     assert (tmp_path / "taken" / "x").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+def test_export_takes_the_ema_weights_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    raw, ema = create_model("fractalar_tiny", class_num=2), create_model("fractalar_tiny", class_num=2)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": raw.state_dict(), "model_ema": ema.state_dict(), "config": raw.config}, ckpt)
+    export.main([str(ckpt), str(tmp_path / "ema")])
+    export.main([str(ckpt), str(tmp_path / "raw"), "--no_ema"])
+    for kind, source in (("ema", ema), ("raw", raw)):
+        folder = tmp_path / kind
+        assert json.loads((folder / "config.json").read_text())["weights"] == kind
+        assert WEIGHTS[kind] in (folder / "README.md").read_text()
+        loaded = load_model(str(folder))
+        assert loaded.weights == kind and same_weights(loaded, source)
+    with pytest.raises(UserInputError, match="holds only EMA weights .*leave out --no_ema"):
+        load_model(str(tmp_path / "ema"), ema=False)
+    assert load_model(str(tmp_path / "raw"), ema=False).weights == "raw"
 
 
 def test_export_time_load_prints_both_loads(tmp_path, capsys):

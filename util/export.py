@@ -5,7 +5,8 @@
     python -m util.export quickstart_out/train hub/quickstart --push_to_hub USER/NAME   # and upload it
 
 The checkpoint is read as models.load_model reads it: torch.load with weights_only=True
-(nothing but tensors, plain containers and argparse.Namespace is unpickled), the
+(nothing but tensors, plain containers and argparse.Namespace is unpickled), its EMA
+weights when it has them (--no_ema: the raw ones; config.json says which), the
 architecture from its configuration record (official files: from their args or folder
 name, or --model). The folder is written beside OUT and renamed into place only once it
 is complete and checked: its configuration rebuilds the same record and its weights equal
@@ -43,6 +44,8 @@ def get_args_parser():
                    help="architecture (a model name or a JSON configuration file), for an official checkpoint whose "
                         "args and folder do not say")
     p.add_argument("--download", action="store_true", help="fetch an official checkpoint named by CKPT if missing")
+    p.add_argument("--no_ema", action="store_true",
+                   help="export the raw weights of a checkpoint that has EMA weights (default: the EMA ones)")
     p.add_argument("--push_to_hub", default=None, metavar="USER/NAME",
                    help="also upload the folder to this Hub repository (created if missing; `hf auth login` first)")
     p.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
@@ -147,7 +150,7 @@ def run(args):
     check_out(args.out)
     if args.time_load:
         positive_int("--time_load", args.time_load)
-    model = load_model(args.ckpt, args.model, download=args.download)
+    model = load_model(args.ckpt, args.model, download=args.download, ema=not args.no_ema)
     export(model, args.out)
     size = os.path.getsize(os.path.join(args.out, WEIGHTS_FILE)) / 2**20
     print(f"wrote {args.out}: {CONFIG_FILE}, {WEIGHTS_FILE} ({size:.1f} MB, {getattr(model, 'weights', None) or 'raw'} "
