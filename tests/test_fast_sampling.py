@@ -8,6 +8,8 @@ variant (temperature dividing the logits instead of multiplying them) must fail 
 test, so the test can tell.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from scipy.stats import ks_2samp
@@ -17,6 +19,7 @@ from models import fractalgen as fractalgen_module
 from models import layers
 from models import mar as mar_module
 from models.ar import AR
+from models.mar import MAR
 from models.layers import StaticKVCache, attend
 from models.pixelloss import PixelLoss, bucket_size
 from util.benchmark import native_bf16
@@ -265,6 +268,35 @@ def test_frozen_only_where_it_pays(monkeypatch):
     assert seen == [True, True, False, False, False, False]
 
 
+@pytest.mark.parametrize("batch, cfg, frozen", [(32, 1.0, True), (64, 1.0, True), (65, 1.0, False),
+                                                (32, 2.0, True), (33, 2.0, False), (64, 2.0, False)])
+def test_frozen_choice_counts_every_row_a_step_multiplies(batch, cfg, frozen, monkeypatch):
+    """fast="frozen" freezes a step only up to FROZEN_MAX_ROWS (64) matmul rows: with
+    guidance a step multiplies the conditional and the unconditional rows, padded to a
+    power of two at the pixel head. So 32 guided images freeze every step (AR levels and
+    the fused pixel draw), 33 freeze none (66 rows, 128 at the pixel head)."""
+    seen = []
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic, frozen: seen.append((fn.__name__, frozen)) or fn)
+    model = tiny_model(("ar", "ar", "ar"))
+    model.generate(torch.arange(batch) % 4, fast="frozen", **dict(SETTINGS, cfg=cfg))
+    names = {name for name, _ in seen}
+    assert {"decode_tokens", "draw_and_decode", "draw_pixels"} <= names
+    assert {is_frozen for _, is_frozen in seen} == {frozen}, seen
+
+
+def test_frozen_pixel_head_counts_both_halves_of_a_guided_draw(monkeypatch):
+    """The pixel head on its own (a guiding pixel, the fused step off): 64 guided rows
+    are 128 matmul rows, 32 are 64."""
+    seen = []
+    monkeypatch.setattr(layers, "_compiled", lambda fn, dynamic, frozen: seen.append(frozen) or fn)
+    torch.manual_seed(0)
+    head = PixelLoss(c_channels=8, width=16, depth=1, num_heads=2).eval()
+    for n, cfg in ((64, 2.0), (32, 2.0), (64, 1.0), (65, 1.0)):
+        rows = n * (2 if cfg != 1.0 else 1)
+        assert head.sample([torch.randn(rows, 8)], 1.0, cfg, 0.0, fast="frozen").shape == (n, 3)
+    assert seen == [False, True, True, False]
+
+
 @pytest.mark.slow
 def test_frozen_graphs_follow_changed_weights():
     """Compiled with frozen weights, then the weights change in place: the next call must
@@ -337,3 +369,80 @@ def test_fused_pixel_steps_equal_the_separate_steps(cfg, monkeypatch):
     torch.manual_seed(0)
     separate = model.generate(labels, fast="eager", **settings)
     assert torch.equal(fused, separate)
+
+
+# ---------------------------------------------------------------- the fast MAR level, step by step
+class HandDown:
+    """Stands in for the level below a MAR level: records what each step hands down (the
+    rows of conditions, cfg, temperature, filter) and returns patches computed from the
+    conditional rows, so the same conditions give the same patches."""
+
+    def __init__(self, halves):
+        self.halves, self.calls = halves, []
+
+    def __call__(self, cond_list, cfg, temperature, filter_threshold, known=None, known_mask=None):
+        rows = torch.cat(cond_list, dim=1)  # (halves * N, num_conds * D): every condition of a row
+        n = rows.shape[0] // self.halves
+        # a row: its conditional conditions, then its unconditional twin's
+        self.calls.append(dict(rows=torch.cat(rows.split(n), dim=1), cfg=cfg, temperature=temperature,
+                               filter_threshold=filter_threshold))
+        return torch.tanh(cond_list[0][:n, :3]).reshape(n, 3, 1, 1)
+
+
+def same_rows(fast, official, atol=1e-5):
+    """Whether the rows of two (N, C) tensors are the same set (any order): each fast row's
+    nearest official row, a distinct one for every fast row, within atol."""
+    if fast.shape != official.shape:
+        return False
+    distance = torch.cdist(fast.double(), official.double())
+    nearest = distance.argmin(dim=1)
+    return len(set(nearest.tolist())) == len(nearest) and distance.min(dim=1).values.max().item() < atol
+
+
+@pytest.mark.parametrize("batch, cfg, schedule, num_iter, next_conds, guiding", [
+    (2, 3.0, "linear", 4, 5, False),     # five conditions: the neighbours of each patch go down too
+    (3, 1.0, "constant", 5, 5, False),   # rows padded to 4
+    (3, 2.5, "linear", 16, 1, False),    # one patch per step, the middle condition only
+    (2, 2.0, "linear", 3, 5, True),      # a guiding pixel among the tokens
+], ids=["cfg-neighbours", "nocfg-padded", "one-per-step", "guiding-pixel"])
+def test_fast_mar_level_hands_down_what_the_official_level_does(batch, cfg, schedule, num_iter, next_conds,
+                                                                guiding, monkeypatch):
+    """Fed the same patch order, the fast MAR sampler hands the next level, step by step,
+    the same patches (how many, which ones), the same conditions (the transformer saw the
+    same visible and masked patches; the four neighbours' outputs, zeros across the
+    border), the same cfg schedule, temperature and filter as the official sampler, and
+    builds the same image. The KS test of whole images cannot see an error in any one of
+    these. The fast path takes its random permutation front to back and the official one
+    back to front, so the official run gets the random numbers reversed (1 - u)."""
+    torch.manual_seed(0)
+    mar = MAR(seq_len=16, patch_size=1, cond_embed_dim=8, embed_dim=16, num_blocks=2, num_heads=2,
+              num_conds=5, guiding_pixel=guiding).eval()
+    mar.num_next_conds = next_conds
+    with torch.no_grad():  # outputs that differ clearly from patch to patch
+        mar.pos_embed_learned.normal_(0, 1.0)
+        mar.mask_token.normal_(0, 1.0)
+    halves = 1 + (cfg != 1.0)
+    cond = [torch.randn(halves * batch, 8) for _ in range(5)]
+    if guiding:  # the same guiding pixels on both paths (their draw is tested with the pixel head)
+        colours = torch.rand(batch, 3)
+        monkeypatch.setattr(mar.guiding_pixel_loss, "sample", lambda *args, **kwargs: colours)
+    uniform = torch.rand(bucket_size(batch), mar.seq_len)
+    settings = dict(num_iter=num_iter, cfg=cfg, cfg_schedule=schedule, temperature=0.7, filter_threshold=1e-3)
+
+    def run(fast, numbers):
+        hand_down = HandDown(halves)
+        with mock.patch.object(torch, "rand", lambda *shape, **kwargs: numbers[:shape[0]].clone()):
+            image = mar.sample(cond, next_level_sample_function=hand_down, fast=fast, **settings)
+        return image, hand_down.calls
+
+    fast_image, fast_calls = run("eager", uniform)
+    official_image, official_calls = run(False, 1 - uniform)
+
+    assert len(fast_calls) == len(official_calls) == min(num_iter, mar.seq_len)
+    for step, (fast, official) in enumerate(zip(fast_calls, official_calls)):
+        assert fast["cfg"] == pytest.approx(official["cfg"]), step
+        assert (fast["temperature"], fast["filter_threshold"]) == (0.7, 1e-3)
+        assert (official["temperature"], official["filter_threshold"]) == (0.7, 1e-3)
+        assert fast["rows"].shape == official["rows"].shape, step
+        assert same_rows(fast["rows"], official["rows"]), step
+    torch.testing.assert_close(fast_image, official_image, atol=1e-5, rtol=0)
