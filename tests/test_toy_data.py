@@ -102,6 +102,61 @@ def test_mask_geometry():
     assert torch.broadcast_to(inpaint, (5, 3, 8, 8)).shape == (5, 3, 8, 8)
 
 
+SIZES = (2, 3, 5, 8, 16, 17, 64)
+FRACS = (0.01, 0.2, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9, 0.99)
+
+
+def expected_span(size, frac):
+    """What a user asking for `frac` of the side gets: the nearest whole number of pixels,
+    at least one, never the whole side."""
+    ideal = size * frac
+    span = min(max(1, round(ideal)), size - 1)
+    assert abs(span - ideal) <= 0.5 or span in (1, size - 1)
+    return span
+
+
+def runs(flags):
+    """(start, stop) of each run of True in a 1-D bool tensor."""
+    edges = torch.diff(torch.cat([torch.tensor([0]), flags.int(), torch.tensor([0])]))
+    return list(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
+
+
+@pytest.mark.parametrize("side", masks.SIDES)
+@pytest.mark.parametrize("size", SIZES)
+def test_uncrop_hides_a_strip_of_frac_on_its_side(size, side):
+    """For every size and fraction: the unknown part is one full strip touching `side`,
+    as wide as the fraction asks (rounded, 1 .. size-1 pixels); the rest is known."""
+    for frac in FRACS:
+        unknown = ~masks.make_mask("uncrop", size, frac=frac, side=side)[0, 0]
+        if side in ("top", "bottom"):
+            unknown = unknown.t()  # strips of rows -> strips of columns
+        columns = unknown.all(dim=0)
+        assert torch.equal(unknown, columns.expand(size, size)), (frac, "not whole columns")
+        (start, stop), = runs(columns)
+        assert stop - start == expected_span(size, frac), frac
+        at_the_end = side in ("right", "bottom")
+        assert (stop == size) if at_the_end else (start == 0), (frac, start, stop)
+
+
+@pytest.mark.parametrize("task", ["inpaint", "edit", "outpaint"])
+@pytest.mark.parametrize("size", SIZES)
+def test_centre_box_is_centred_frac_wide_and_never_the_whole_image(task, size):
+    """inpaint / edit regenerate (outpaint keeps) a centred square whose side is the
+    fraction of the image side (rounded, 1 .. size-1 pixels): never the whole image and
+    never nothing, so there is always something known and something to generate."""
+    for frac in FRACS:
+        mask = masks.make_mask(task, size, frac=frac)[0, 0]
+        box = mask if task == "outpaint" else ~mask
+        assert box.any() and not box.all(), frac
+        rows, columns = box.any(dim=1), box.any(dim=0)
+        assert torch.equal(box, rows[:, None] & columns[None, :]), (frac, "not a box")
+        (top, bottom), = runs(rows)
+        (left, right), = runs(columns)
+        span = expected_span(size, frac)
+        assert bottom - top == right - left == span, frac
+        assert (top, left) == ((size - span) // 2,) * 2, frac  # centred (an odd margin: one more below / right)
+
+
 def test_mask_errors():
     with pytest.raises(ValueError, match="inpaint"):
         masks.make_mask("colorize", 16)
