@@ -103,3 +103,84 @@ def test_features_gathered_in_pieces_score_like_torch_fidelity_on_the_folder(tmp
     _, as_added = bank.local()
     off = fid.inception_score(as_added[fid.IS_FEATURE])[0] - theirs["inception_score_mean"]
     assert abs(off) > 1e-4 * theirs["inception_score_mean"], off
+
+
+@pytest.mark.parametrize("bad", ["mu", "sigma"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_statistics_with_nan_or_inf_are_refused_before_anything_runs(bad, value, tmp_path):
+    """A NaN anywhere in the reference statistics would make every FID NaN after hours of
+    generation: the file is refused up front, naming it, whichever array holds it."""
+    from util import validation
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    (mu if bad == "mu" else sigma)[7] = value
+    path = str(tmp_path / "stats.npz")
+    np.savez(path, mu=mu, sigma=sigma)
+    with pytest.raises(UserInputError, match=r"stats\.npz.*NaN or infinite"):
+        validation.check_fid_stats(path)
+
+
+class ThreadRanks:
+    """`world` ranks as threads in one process: util.misc's rank queries and row gather,
+    answered per thread (the gather waits for every rank, as the collective does)."""
+
+    def __init__(self, world):
+        import threading
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world, timeout=300)
+        self.slots = [None] * world
+
+    def patch(self, monkeypatch):
+        from util import misc
+        monkeypatch.setattr(misc, "get_rank", lambda: self.local.rank)
+        monkeypatch.setattr(misc, "get_world_size", lambda: self.world)
+        monkeypatch.setattr(misc, "is_main_process", lambda: self.local.rank == 0)
+        monkeypatch.setattr(misc, "all_gather_rows", self.all_gather_rows)
+
+    def all_gather_rows(self, rows, device):
+        self.slots[self.local.rank] = rows.cpu()
+        self.barrier.wait()
+        gathered = torch.cat(self.slots)
+        self.barrier.wait()
+        return gathered
+
+    def run(self, fn):
+        """fn() on every rank; returns the results in rank order (raises the first error)."""
+        import threading
+        results, errors = [None] * self.world, []
+
+        def rank(r):
+            self.local.rank = r
+            try:
+                results[r] = fn()
+            except BaseException as e:  # noqa: BLE001 -- re-raised below
+                errors.append(e)
+                self.barrier.abort()  # the other ranks stop waiting
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def test_features_of_files_split_over_ranks_come_back_whole_and_in_file_order(tmp_path, inception_weights,
+                                                                             monkeypatch):
+    """util.fid_stats and --prc_ref_dir with several processes: each rank reads every
+    world_size-th file, and every rank gets the features of all files in file order, as
+    one process computes them (5 files over 2 ranks: shards of 3 and 2)."""
+    _write_pngs(str(tmp_path / "ref"), 5, seed=5)
+    files = fid.list_images(str(tmp_path / "ref"))
+    cpu = torch.device("cpu")
+    inception = fid.build_inception(cpu, inception_weights)
+    alone = fid.extract_features(files, inception, cpu, batch_size=2)
+    ranks = ThreadRanks(2)
+    ranks.patch(monkeypatch)
+    read = []
+    load = fid.load_rgb
+    monkeypatch.setattr(fid, "load_rgb", lambda path: read.append((ranks.local.rank, path)) or load(path))
+    for features in ranks.run(lambda: fid.extract_features(files, inception, cpu, batch_size=2)):
+        for name, value in alone.items():
+            torch.testing.assert_close(features[name], value, rtol=1e-5, atol=1e-5)
+    assert sorted(read) == sorted((i % 2, f) for i, f in enumerate(files))  # each file once, by its rank
