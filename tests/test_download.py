@@ -22,6 +22,8 @@ class Handler(BaseHTTPRequestHandler):
     /norange     ignores Range (always 200 with the whole file)
     /norange_drop_once  ignores Range and hangs up half-way the first time
     /redirect    302 to /ok (as Dropbox does)
+    /misaligned  answers a Range request with 206 from 1000 bytes before the asked start
+    /always416   answers every Range request with 416 "bytes */<size>" (a file that changed)
     /html        a 200 HTML page
     /hangup      closes the connection without answering
     anything else: 404
@@ -51,16 +53,25 @@ class Handler(BaseHTTPRequestHandler):
         elif path in ("/ok", "/drop_once", "/always_drop"):
             drop = path == "/always_drop" or (path == "/drop_once" and count == 1)
             self.send_file(honour_range=True, drop=drop)
+        elif path == "/misaligned":
+            self.send_file(honour_range=True, drop=False, shift=-1000)
+        elif path == "/always416" and self.headers.get("Range"):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/always416":
+            self.send_file(honour_range=False, drop=False)
         elif path in ("/norange", "/norange_drop_once"):
             self.send_file(honour_range=False, drop=path == "/norange_drop_once" and count == 1)
         else:
             self.send_error(404, "Not Found")
 
-    def send_file(self, honour_range, drop):
+    def send_file(self, honour_range, drop, shift=0):
         start, status = 0, 200
         rng = self.headers.get("Range")
         if honour_range and rng:
-            start = int(rng.split("=")[1].split("-")[0])
+            start = max(0, int(rng.split("=")[1].split("-")[0]) + shift)
             if start >= len(PAYLOAD):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
@@ -148,6 +159,30 @@ def test_complete_part_file_is_renamed(server, tmp_path):
     (tmp_path / "ckpt.pth.part").write_bytes(PAYLOAD)
     fetch(server, "/ok", dest)  # server answers 416 with the total size
     assert read(dest) == PAYLOAD
+
+
+@pytest.mark.parametrize("have", [1000, 5000, len(PAYLOAD) - 10])
+def test_a_reply_resuming_at_another_byte_restarts_cleanly(server, tmp_path, have):
+    """A 206 whose Content-Range starts elsewhere than the .part file ends: appending it
+    would shift every later byte (and still add up to the announced size)."""
+    dest = tmp_path / "ckpt.pth"
+    (tmp_path / "ckpt.pth.part").write_bytes(PAYLOAD[:have])
+    fetch(server, "/misaligned", dest)
+    assert read(dest) == PAYLOAD
+    assert server.requests[-1] == ("/misaligned", None)  # started over
+
+
+@pytest.mark.parametrize("part", [PAYLOAD[:1000], PAYLOAD + b"stale tail", b"x" * (len(PAYLOAD) - 1)],
+                         ids=["short", "longer", "one-short"])
+def test_416_means_done_only_when_the_part_file_has_the_announced_size(server, tmp_path, part):
+    """416 "bytes */N" says the file has N bytes: only a .part file of exactly N bytes is
+    the complete file; any other (a shorter one, a stale longer one) is downloaded again."""
+    dest = tmp_path / "ckpt.pth"
+    (tmp_path / "ckpt.pth.part").write_bytes(part)
+    fetch(server, "/always416", dest)
+    assert read(dest) == PAYLOAD
+    assert server.requests == [("/always416", f"bytes={len(part)}-"), ("/always416", None)]
+    assert not os.path.exists(str(dest) + ".part")
 
 
 def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
