@@ -403,7 +403,7 @@ def same_rows(fast, official, atol=1e-5):
     (2, 3.0, "linear", 4, 5, False),     # five conditions: the neighbours of each patch go down too
     (3, 1.0, "constant", 5, 5, False),   # rows padded to 4
     (3, 2.5, "linear", 16, 1, False),    # one patch per step, the middle condition only
-    (2, 2.0, "linear", 3, 5, True),      # a guiding pixel among the tokens
+    (2, 2.0, "constant", 3, 5, True),    # a guiding pixel among the tokens; constant cfg
 ], ids=["cfg-neighbours", "nocfg-padded", "one-per-step", "guiding-pixel"])
 def test_fast_mar_level_hands_down_what_the_official_level_does(batch, cfg, schedule, num_iter, next_conds,
                                                                 guiding, monkeypatch):

@@ -105,6 +105,27 @@ def test_epoch_end_log_line_survives_a_kill_before_it_is_written_and_step_saves_
     assert saved_positions == [(1, 1), (1, 3), (2, 0)]  # steps 1 and 3 of epoch 1, then the epoch end
 
 
+def test_log_lines_written_after_the_checkpoint_are_written_once(runs, tiny_data, tmp_path):
+    """Checkpoints every 2nd epoch: epoch 0 is checkpointed, epoch 1 only logged, then the
+    run dies in epoch 2 without saving (Ctrl-C twice). The resumed run redoes epoch 1 and
+    2: log.txt and TensorBoard hold each epoch and step once, as an uninterrupted run's."""
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+    main(train_argv(tiny_data, straight, "--save_last_freq", 2, epochs=3))
+    step, calls = torch.optim.AdamW.step, []
+
+    def interrupted_in_epoch_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # epoch 2, step 1
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+    with mock.patch.object(torch.optim.AdamW, "step", interrupted_in_epoch_2), pytest.raises(SystemExit):
+        main(train_argv(tiny_data, out, "--save_last_freq", 2, epochs=3))
+    assert len(logged(out)[0]) == 2  # epochs 0 and 1 logged, only epoch 0 checkpointed
+    main(train_argv(tiny_data, out, "--save_last_freq", 2, epochs=3))
+    assert logged(out) == logged(straight)
+    assert_same_training(straight, out)
+
+
 def test_another_batch_layout_restarts_the_interrupted_epoch_from_its_first_step(runs, tiny_data, tmp_path,
                                                                                capsys):
     """Stopped after step 2 of 3 (batch 4); resumed with batch 2 an epoch has 6 steps and

@@ -160,7 +160,9 @@ def test_centre_box_is_centred_frac_wide_and_never_the_whole_image(task, size):
 def test_mask_errors():
     with pytest.raises(ValueError, match="inpaint"):
         masks.make_mask("colorize", 16)
-    with pytest.raises(ValueError, match="fraction"):
-        masks.inpaint_mask(16, frac=1.5)
+    for task in masks.TASKS:
+        for frac in (0.0, 1.0, 1.5, -0.25, float("nan")):  # a fraction strictly between 0 and 1
+            with pytest.raises(ValueError, match="fraction"):
+                masks.make_mask(task, 16, frac=frac)
     with pytest.raises(ValueError, match="side"):
         masks.uncrop_mask(16, side="middle")
