@@ -1,6 +1,7 @@
 """Shared fixtures for the engine tests: a tiny ImageFolder, random Inception weights (the
 real architecture, so FID/IS run end to end offline) and FID statistics of the tiny data."""
 import os
+import signal
 import sys
 from unittest import mock
 
@@ -105,3 +106,54 @@ def run_main(one_thread):
 def child_env():
     """Environment for child processes: the repo importable, one thread per process."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def process_state():
+    """Process-wide settings a test could change and leave behind for the tests after it
+    (whose results would then depend on the order the tests run in)."""
+    import torch._dynamo  # noqa: F401 -- loaded by torch.compile anyway; the configs below need it
+    state = {
+        "torch threads": torch.get_num_threads(),
+        "torch default dtype": torch.get_default_dtype(),
+        "torch default device": torch.get_default_device(),
+        "grad mode": torch.is_grad_enabled(),
+        "CPU autocast": torch.is_autocast_enabled("cpu"),
+        "inductor freezing": torch._inductor.config.freezing,
+        "torch.distributed initialised": torch.distributed.is_available() and torch.distributed.is_initialized(),
+        "working directory": os.getcwd(),
+        "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+    }
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            state[f"{name} handler"] = signal.getsignal(getattr(signal, name))
+    return state
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_state():
+    """Each test leaves the process as it found it: a changed setting fails the test that
+    changed it (tests run in random order, pytest-randomly), and is put back."""
+    before = process_state()
+    yield
+    after = process_state()
+    changed = sorted(key for key in before if before[key] != after[key])
+    if not changed:
+        return
+    torch.set_num_threads(before["torch threads"])
+    torch.set_default_dtype(before["torch default dtype"])
+    torch.set_default_device(before["torch default device"])
+    torch.set_grad_enabled(before["grad mode"])
+    torch._inductor.config.freezing = before["inductor freezing"]
+    os.chdir(before["working directory"])
+    for name in set(os.environ) - set(before["environment"]) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    os.environ.update(before["environment"])
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if f"{name} handler" in before:
+            signal.signal(getattr(signal, name), before[f"{name} handler"])
+    if "environment" in changed:  # name the variables, not the whole environment
+        variables = sorted({k for k, _ in set(before["environment"].items()) ^ set(after["environment"].items())})
+        before["environment"] = {k: before["environment"].get(k) for k in variables}
+        after["environment"] = {k: after["environment"].get(k) for k in variables}
+    pytest.fail("the test left process-wide state changed for the tests after it: " + "; ".join(
+        f"{key}: {before[key]!r} -> {after[key]!r}" for key in changed))

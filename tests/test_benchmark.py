@@ -17,6 +17,8 @@ from models.pixelloss import sample_categorical
 from util import benchmark
 
 TINY_ARGS = ["--configs", "tiny", "--steps", "1", "--warmup", "0", "--threads", "2"]
+# --threads sets the process's torch threads: one_thread (conftest) puts them back afterwards
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_benchmark_runs_and_reports_every_field(tmp_path, capsys):
