@@ -109,14 +109,14 @@ def test_features_gathered_in_pieces_score_like_torch_fidelity_on_the_folder(tmp
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_statistics_with_nan_or_inf_are_refused_before_anything_runs(bad, value, tmp_path):
     """A NaN anywhere in the reference statistics would make every FID NaN after hours of
-    generation: the file is refused up front, naming it, whichever array holds it."""
-    from util import validation
+    generation: the file is refused up front (main_fractalgen.py loads it before building
+    the model), naming it, whichever array holds it."""
     mu, sigma = np.zeros(2048), np.eye(2048)
     (mu if bad == "mu" else sigma)[7] = value
     path = str(tmp_path / "stats.npz")
     np.savez(path, mu=mu, sigma=sigma)
     with pytest.raises(UserInputError, match=r"stats\.npz.*NaN or infinite"):
-        validation.check_fid_stats(path)
+        fid.load_stats(path)
 
 
 class ThreadRanks:

@@ -11,10 +11,15 @@ TINY = "fractalar_tiny"
 KEYS = ("num_iter_list", "cfg", "cfg_schedule", "temperature", "filter_threshold")
 
 
-def save(path, sampling=None):
+def save(path, sampling=None, record=False):
+    """A checkpoint of the tiny model: an official-style file (its args name the model) or,
+    with `record`, one that stores the model's configuration record (as main_fractalgen.py
+    writes them; the record holds the model's default sampling settings)."""
     torch.manual_seed(0)
-    ckpt = {"model": create_model(TINY, class_num=4).state_dict(), "epoch": 0,
-            "args": argparse.Namespace(model=TINY, class_num=4)}
+    model = create_model(TINY, class_num=4)
+    ckpt = {"model": model.state_dict(), "epoch": 0, "args": argparse.Namespace(model=TINY, class_num=4)}
+    if record:
+        ckpt["config"] = model.config
     if sampling is not None:
         ckpt["sampling"] = sampling
     torch.save(ckpt, path)
@@ -46,9 +51,10 @@ FULL = dict(num_iter_list=(3, 2), cfg=3.5, cfg_schedule="constant", temperature=
     ({"num_iter_list": [5, 1], "cfg_schedule": "constant"},
      {**DEFAULTS, "num_iter_list": (5, 1), "cfg_schedule": "constant"}),
 ], ids=["none", "all", "cfg", "none-value", "iters-schedule"])
-def test_loaded_model_samples_with_the_stored_settings(stored, expected, tmp_path, monkeypatch):
+@pytest.mark.parametrize("record", [False, True], ids=["args", "record"])
+def test_loaded_model_samples_with_the_stored_settings(stored, expected, record, tmp_path, monkeypatch):
     assert set(DEFAULTS) == set(KEYS) and all(FULL[k] != DEFAULTS[k] for k in KEYS)  # each key can tell
-    model = load_model(save(tmp_path / "checkpoint-last.pth", stored))
+    model = load_model(save(tmp_path / "checkpoint-last.pth", stored, record))
     assert model.sampling_config() == expected
     assert sampled_with(model, monkeypatch) == expected
     # explicit arguments win over stored settings and defaults alike
