@@ -178,8 +178,11 @@ def test_a_closed_job_stops_its_worker(store, ckpt):
     assert calls[-1] < 16  # stopped well before the 16 steps were done
 
 
-def test_the_page_runs_one_job_at_a_time(store):
+def test_the_page_runs_one_job_at_a_time(store, monkeypatch):
     pytest.importorskip("gradio")
+    # building the page switches gradio's and the Hub's telemetry off for the whole process
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "True")
     page, launch_kwargs = app.build_app(store)
     jobs = [fn for fn in page.fns.values() if fn.name in ("sample", "complete")]
     assert len(jobs) == 2 and {(fn.concurrency_id, fn.concurrency_limit) for fn in jobs} == {("sampler", 1)}
