@@ -24,6 +24,8 @@ class Handler(BaseHTTPRequestHandler):
     /redirect    302 to /ok (as Dropbox does)
     /misaligned  answers a Range request with 206 from 1000 bytes before the asked start
     /always416   answers every Range request with 416 "bytes */<size>" (a file that changed)
+    /longer_once first request: announces the file's length but streams more (chunked, as a
+                 proxy beside a stale Content-Length can); then like /ok
     /html        a 200 HTML page
     /hangup      closes the connection without answering
     anything else: 404
@@ -62,6 +64,19 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         elif path == "/always416":
             self.send_file(honour_range=False, drop=False)
+        elif path == "/longer_once" and count == 1:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.send_header("Transfer-Encoding", "chunked")  # http.client then reads the chunks, not the length
+            self.end_headers()
+            body = PAYLOAD + b"stale tail"
+            for i in range(0, len(body), CHUNK):
+                piece = body[i:i + CHUNK]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+        elif path == "/longer_once":
+            self.send_file(honour_range=True, drop=False)
         elif path in ("/norange", "/norange_drop_once"):
             self.send_file(honour_range=False, drop=path == "/norange_drop_once" and count == 1)
         else:
@@ -183,6 +198,15 @@ def test_416_means_done_only_when_the_part_file_has_the_announced_size(server, t
     assert read(dest) == PAYLOAD
     assert server.requests == [("/always416", f"bytes={len(part)}-"), ("/always416", None)]
     assert not os.path.exists(str(dest) + ".part")
+
+
+def test_a_reply_longer_than_announced_is_never_put_in_place(server, tmp_path):
+    """More bytes than the server announced is a wrong file, not a complete one: the
+    download starts over instead of renaming it into place."""
+    dest = tmp_path / "ckpt.pth"
+    fetch(server, "/longer_once", dest)
+    assert read(dest) == PAYLOAD
+    assert server.requests == [("/longer_once", None)] * 2
 
 
 def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
