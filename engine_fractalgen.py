@@ -1,5 +1,6 @@
 """Training and evaluation loops: one epoch of training, bits/dim on the val set, and
 class-conditional generation scored with FID / Inception Score."""
+import argparse
 import math
 import os
 import shutil
@@ -10,6 +11,7 @@ from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from models.checks import SAMPLING_KEYS
 from util import fid, preempt, validation
 
 PRINT_FREQ = 20
@@ -169,6 +171,18 @@ def rank_batches(num_images, batch_size, rank, world_size):
         yield range(begin, min(begin + batch_size, num_images))
 
 
+def sampling_flags(args):
+    """The sampling settings args gives (None: not given), by SAMPLING_KEYS."""
+    return {key: getattr(args, key, None) for key in SAMPLING_KEYS}
+
+
+def generation_args(model, args):
+    """A copy of args with every sampling setting resolved: the ones given, the rest the
+    model's (FractalGen.sampling_config: the checkpoint's stored settings, ...)."""
+    settings = unwrap(model).sampling_config(**sampling_flags(args))
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
 def generation_folder(args, online):
     name = (f"gen-iter{'-'.join(map(str, args.num_iter_list))}-cfg{args.cfg}{args.cfg_schedule}"
             f"-temp{args.temperature}-filter{args.filter_threshold}-image{args.num_images}")
@@ -209,12 +223,14 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=Non
     numbers are those of the PNG folder scored by one process (util.fid.evaluate_folder).
     online=True (during training) writes into a temporary folder that is deleted afterwards.
     scorer: a util.fid.Scorer to reuse (a sweep scores many settings with one); None
-    builds one from args.
+    builds one from args. Sampling settings args leaves at None are the model's
+    (generation_args), in the folder name and the TensorBoard tags too.
     Returns {'fid', 'inception_score', ..., 'sec_per_image', 'folder'} on rank 0 and
     {'sec_per_image', 'folder'} elsewhere."""
     device = torch.device(args.device)
     model = unwrap(model)
     model.eval()
+    args = generation_args(model, args)
     folder = generation_folder(args, online)
     prepare_folder(folder)
     if scorer is None:

@@ -21,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import util.misc as misc
 from engine_fractalgen import (STEP_TAGS, NonFiniteLossError, TrainingStopped, evaluate_gen, evaluate_nll,
-                               step_axis, train_one_epoch)
+                               sampling_flags, step_axis, train_one_epoch)
 from models import CONFIGS, CheckpointMismatchError, create_model
-from models.config import config_name
-from models.loading import CONFIG, EMA_KEY, checkpoint_config
+from models import sampling as provenance
+from models.config import SAMPLING, config_name, is_config_file
+from models.loading import CONFIG, EMA_KEY, SAMPLING_SOURCE, checkpoint_config, checkpoint_sampling, stored_sampling
 from util import checkpoint as ckpt_util
 from util import data as data_util
 from util import fid, logs, preempt, validation
@@ -38,6 +39,7 @@ DEFAULT_MODEL = "fractalmar_in64"
 TRAINING_DEFAULTS = dict(label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1, r_weight=5.0)
 # stored with the checkpoints of one-class (unconditional) models: sampling without guidance
 UNCONDITIONAL_SAMPLING = {"cfg": 1.0}
+UNCONDITIONAL_SOURCE = {"by": provenance.BY_ONE_CLASS}
 
 
 def get_args_parser():
@@ -105,12 +107,15 @@ def get_args_parser():
 
     # generation / evaluation
     add("--class_num", default=None, type=int, help="default: from the checkpoint, else the dataset, else 1000")
-    add("--num_iter_list", default=None, type=str, help="iterations per generator level, e.g. 64,16; "
-                                                          "default: min(patches, 64) per level")
-    add("--cfg", default=1.0, type=float, help="classifier-free guidance scale")
-    add("--cfg_schedule", default="linear", choices=("linear", "constant"))
-    add("--temperature", default=1.0, type=float)
-    add("--filter_threshold", default=1e-4, type=float)
+    # sampling settings: unset ones are the checkpoint's (--evaluate_gen, --online_eval: stored
+    # by a sweep or the quick start, else the training run's flags, else neutral cfg 1 /
+    # temperature 1, else the model's defaults) -- models.sampling, docs/sampling.md
+    unset = "default: the checkpoint's sampling settings (docs/sampling.md)"
+    add("--num_iter_list", default=None, type=str, help=f"iterations per generator level, e.g. 64,16; {unset}")
+    add("--cfg", default=None, type=float, help=f"classifier-free guidance scale; {unset}")
+    add("--cfg_schedule", default=None, choices=("linear", "constant"), help=unset)
+    add("--temperature", default=None, type=float, help=f"multiplies the logits; {unset}")
+    add("--filter_threshold", default=None, type=float, help=unset)
     add("--gen_bsz", default=1024, type=int, help="generation batch size per process")
     add("--num_images", default=50000, type=int, help="images to generate (a multiple of class_num)")
     add("--eval_freq", default=40, type=int, help="online FID every N epochs")
@@ -297,9 +302,7 @@ def check_generation(args, model):
     are loaded, not just looked for: a bad file must not surface after 50k images."""
     validation.check_num_images(args.num_images, args.class_num)
     levels = model.num_fractal_levels - 1
-    if args.num_iter_list is None:
-        args.num_iter_list = model.default_num_iter_list()
-    if len(args.num_iter_list) != levels:
+    if args.num_iter_list is not None and len(args.num_iter_list) != levels:
         raise UserInputError(f"--num_iter_list {','.join(map(str, args.num_iter_list))} has "
                              f"{len(args.num_iter_list)} entries but --model {args.model} has {levels} "
                              f"generator levels; give one per level")
@@ -324,9 +327,42 @@ def load_model_state(model, ckpt, path, args, training):
         origin = f" (it was saved by --model {trained})" if trained and trained != args.model else ""
         raise UserInputError(f"{path} does not fit --model {args.model}{origin}: {e}") from None
     model.weights = "ema" if use_ema else "raw"
+    model.checkpoint_path = path
     if not training and EMA_KEY in ckpt:
         print0(f"evaluating the EMA weights of {path} (--no_ema: the raw ones)" if use_ema
                else f"evaluating the raw weights of {path} (--no_ema), not its EMA weights")
+
+
+def set_sampling(model, ckpt, path, record, args, training):
+    """The sampling settings generation takes where the flags leave them unset
+    (models.sampling), the same for --evaluate_gen and --online_eval: the checkpoint's
+    (stored by a sweep or the quick start, else the training run's flags, else neutral
+    cfg 1 / temperature 1, else the model's defaults); a run from scratch: neutral ones
+    below its own flags. Said in one line; --evaluate_gen adds one when a sweep would
+    pick better ones."""
+    given = sampling_flags(args)
+    if ckpt is not None:
+        model.sampling_defaults, model.sampling_sources = checkpoint_sampling(ckpt, path, record, model.model_name,
+                                                                              args.model)
+    else:
+        model.sampling_defaults, model.sampling_sources = provenance.resolve(provenance.layers(
+            record.get(SAMPLING), model.model_name, trained=True, user_record=is_config_file(args.model)))
+    print0(f"{'online evaluation samples' if training else 'sampling'} with {model.describe_sampling(**given)}")
+    note = None if training else model.sampling_note(**given)
+    if note:
+        print0(note)
+
+
+def carried_sampling(ckpt, path, levels):
+    """The sampling settings a checkpoint stores that training carries into its own saves:
+    ('sampling', 'sampling_source') as stored (a sweep's source names the epoch and step it
+    measured), checked; None when it stores none, or only a one-class model's cfg 1, which
+    every save writes anew."""
+    settings, source = stored_sampling(ckpt, path, levels)
+    if settings is None or source.get("by") == provenance.BY_ONE_CLASS:
+        return None
+    source.pop("earlier_weights", None)  # worked out when loading, against the checkpoint's own position
+    return ckpt[SAMPLING], source
 
 
 def start_ema(model, ckpt, path, args):
@@ -418,17 +454,46 @@ class Checkpoints:
     request. Rank 0 writes checkpoint-last.pth (the one before becomes checkpoint-prev.pth),
     one write at a time. A checkpoint is the official dict plus 'train_state': the position
     (epoch, steps done), the epoch's meter sums and the batch layout; with --ema_rate also
-    'model_ema' (the EMA weights, under the keys of 'model'), and for a one-class model
-    'sampling' (cfg 1: no guidance)."""
+    'model_ema' (the EMA weights, under the keys of 'model').
 
-    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None, ema=None):
+    Sampling settings stored with the checkpoint ('sampling', 'sampling_source': a sweep's
+    --store, the quick start's) are carried into every save, their source as stored (a
+    sweep's names the epoch and step it measured, so a later load tells that training went
+    on since); so are settings stored into checkpoint-last.pth while this run trains (the
+    file changed since this run's last save). A one-class model without them gets cfg 1
+    (no guidance). `carried`: (settings, source) of the checkpoint resumed from, or None."""
+
+    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None, ema=None, carried=None):
         self.model, self.optimizer, self.scaler, self.args, self.ema = model, optimizer, scaler, args, ema
         self.log_writer = log_writer
         self.path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
         background = args.save_thread if args.save_thread is not None else torch.device(args.device).type == "cuda"
         self.writer = ckpt_util.CheckpointWriter(background=background)
+        self.writer.written = ckpt_util.file_signature(self.path)  # a change after this is a store into the file
         self.last_save = time.monotonic()
         self.resumed_meters = meters
+        self.carried = carried
+
+    def sampling_entries(self):
+        """('sampling', 'sampling_source') of the next save, or None (rank 0, after the
+        previous save is on disk)."""
+        on_disk = ckpt_util.file_signature(self.path)
+        if on_disk is not None and on_disk != self.writer.written:  # someone stored into it since
+            try:
+                stored = carried_sampling(ckpt_util.load_checkpoint(self.path), self.path,
+                                          self.model.num_fractal_levels - 1)
+            except UserInputError as e:
+                print0(f"warning: {misc.one_line(e)}; its sampling settings are not carried over")
+            else:
+                if stored is not None and stored != self.carried:
+                    print0(f"{self.path} holds sampling settings stored since the last save "
+                           f"({provenance.label(stored[1])}): carried into this run's saves")
+                    self.carried = stored
+        if self.carried is not None:
+            return self.carried
+        if self.args.class_num == 1:  # one class: guidance has nothing to steer towards
+            return dict(UNCONDITIONAL_SAMPLING), dict(UNCONDITIONAL_SOURCE)
+        return None
 
     def flags(self):
         """[stop requested here, time-based save due] for the step's all-reduce."""
@@ -468,9 +533,11 @@ class Checkpoints:
                      CONFIG: self.model.config}
             if self.ema is not None:
                 state[EMA_KEY] = self.ema.state_dict()
-            if self.args.class_num == 1:  # one class: guidance has nothing to steer towards
-                state["sampling"] = dict(UNCONDITIONAL_SAMPLING)
             start = time.perf_counter()
+            self.writer.wait()  # the previous save is on disk: a change to the file since is someone else's
+            sampling = self.sampling_entries()
+            if sampling is not None:
+                state[SAMPLING], state[SAMPLING_SOURCE] = sampling
             self.writer.save(state, self.path)
             print0(f"saved {self.path} ({where}; training paused {time.perf_counter() - start:.2f} s)")
         self.last_save = time.monotonic()
@@ -625,6 +692,8 @@ def run(args, device, held):
     model = build_model(args, record)
     if ckpt is not None:
         load_model_state(model, ckpt, path, args, training)
+    if generating:
+        set_sampling(model, ckpt, path, record, args, training)
     model.to(device)
     if args.compile:
         # the blocks, not the whole model: the recursion's masks have data-dependent shapes
@@ -671,9 +740,10 @@ def train(model, ckpt, path, loader, args, device, log_writer, held, ema=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     steps = len(loader)
     position = restore_training_state(ckpt, path, optimizer, scaler, args, steps)
+    carried = carried_sampling(ckpt, path, model.num_fractal_levels - 1) if ckpt is not None else None
     del ckpt
     checkpoints = held["checkpoints"] = Checkpoints(model, optimizer, scaler, args, position["meters"],
-                                                         log_writer, ema)
+                                                         log_writer, ema, carried)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

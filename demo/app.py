@@ -129,9 +129,13 @@ def first_classes(model):
 
 
 def describe(model):
+    """The model in a line, with its sampling settings and where they come from
+    (FractalGen.describe_sampling), and the note that a sweep picks better ones where so."""
     weights = getattr(model, "weights", None)
+    note = model.sampling_note()
     return (f"{model.model_name or 'model'}: {model.img_size}x{model.img_size} images, {model.class_num} classes"
-            + (f", {weights} weights" if weights else ""))
+            + (f", {weights} weights" if weights else "") + f"; sampling settings: {model.describe_sampling()}"
+            + (f". {note[0].upper()}{note[1:]}" if note else ""))
 
 
 def read_settings(model, cfg, temperature, iterations):

@@ -265,7 +265,7 @@ def run(args):
     store_sampling(train_dir, settings)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(train_dir, device=device)
-    print(f"sampling settings (stored in the checkpoint): {model.sampling_config()}")
+    print(f"sampling settings: {model.describe_sampling()}")
     samples, gif = write_samples(model, out, args.num_classes, args.samples_per_class, args.seed)
     conditional = write_conditional(model, data, out, args.num_classes, args.seed)
     summary = {"val_bpd": nll["bpd"], "model": args.model, "epochs": args.epochs,

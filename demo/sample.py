@@ -11,9 +11,11 @@
 the name of an official model (add --download to fetch it), a Hub folder (config.json +
 model.safetensors, docs/sharing.md) or a Hub id hf-hub:USER/NAME; models.load_model builds
 the model from the checkpoint alone (the configuration record it stores; official files name
-their model). Sampling options left unset take the settings stored with the checkpoint (the quick
-start stores its own), else the model's DEFAULT_SAMPLING. Every flag is checked before the
-checkpoint is read; a bad one stops with one line and nothing written.
+their model). Sampling options left unset take the settings stored with the checkpoint (a
+sweep's, the quick start's), else for a checkpoint you trained the training run's flags or
+neutral ones, else the model's DEFAULT_SAMPLING (models.sampling); the second line printed
+says which. Every flag is checked before the checkpoint is read; a bad one stops with one
+line and nothing written.
 """
 import argparse
 import math
@@ -142,8 +144,7 @@ def get_args_parser():
     p.add_argument("--input", default=None, help="image for inpaint/outpaint/uncrop/edit (resized and centre-cropped)")
     p.add_argument("--mask_frac", type=float, default=0.5, help="size of the unknown box / known centre / uncropped side")
     p.add_argument("--uncrop_side", default="right", choices=["left", "right", "top", "bottom"])
-    # sampling options: unset ones take the checkpoint's stored settings, else the model's
-    # DEFAULT_SAMPLING (FractalGen.sampling_config)
+    # sampling options: unset ones take the checkpoint's (FractalGen.sampling_config, models.sampling)
     p.add_argument("--num_iter_list", default=None, help="iterations per generator level, e.g. 64,16")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"])
@@ -204,22 +205,25 @@ def run(args):
     if args.compile:
         model.compile_blocks()
     labels = [label for label in labels for _ in range(args.num_per_label)]
-    settings = model.sampling_config(num_iter_list=num_iter_list, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                     temperature=args.temperature, filter_threshold=args.filter_threshold)
     image = load_image(picture, model.img_size) if picture is not None else None
     shown = None if image is None else show_known(image, make_mask(args.task, model.img_size, args.mask_frac,
                                                                    args.uncrop_side))
     scale = args.scale or auto_scale(model.img_size, target=128)
     steps = StepBar(frame=(lambda canvas: make_grid(*layout(canvas, shown, args.num_per_label))) if args.gif else None)
 
-    print(f"{model.model_name} ({model.weights} weights): {args.task} for labels {parse_labels(args.labels)} on {device} with {settings}",
-          file=sys.stderr)
+    given = dict(num_iter_list=num_iter_list, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                 temperature=args.temperature, filter_threshold=args.filter_threshold)
+    print(f"{model.model_name} ({model.weights} weights): {args.task} for labels {parse_labels(args.labels)} on "
+          f"{device}\nsampling settings: {model.describe_sampling(**given)}", file=sys.stderr)
+    note = model.sampling_note(**given)
+    if note:
+        print(note, file=sys.stderr)
     torch.manual_seed(args.seed)
     start = time.time()
     try:
         with autocast(device, precision):
             images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
-                                     progress=steps, fast=fast_sampler(args.fast), **settings)
+                                     progress=steps, fast=fast_sampler(args.fast), **given)
     finally:
         steps.close()
     print(f"generated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)

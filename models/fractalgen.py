@@ -11,6 +11,7 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
 from . import hub
+from . import sampling as provenance
 from .ar import AR, ARBlock
 from .checks import NUM_LEVEL0_CONDS, SAMPLING_KEYS, check_architecture
 from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps
@@ -45,11 +46,15 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
             self._keywords = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in keywords.items()}
         self.fractal_level = fractal_level
         # set by models.create_model / models.load_model: the configuration's name, the
-        # default sampling settings its record holds, and the sampling settings generate()
-        # uses for arguments it is not given (None: the official API's)
+        # default sampling settings its record holds, the sampling settings generate()
+        # uses for arguments it is not given (None: the official API's), where each of
+        # those came from (models.sampling: a dict of sources by key), and the checkpoint file
+        # with its training position (epoch, step)
         self.model_name = None
         self.record_sampling = None
         self.sampling_defaults = None
+        self.sampling_sources = None
+        self.checkpoint_path = self.checkpoint_position = None
         # which weights the model holds: "raw" (as trained) or "ema" (the moving average a
         # checkpoint stores as 'model_ema', which models.load_model prefers)
         self.weights = "raw"
@@ -201,9 +206,10 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
     @torch.no_grad()
     def sampling_config(self, **given):
         """The settings generate() uses: each of SAMPLING_KEYS from `given` when not None,
-        else from `self.sampling_defaults` (set by models.load_model: the checkpoint's stored
-        settings or the model's DEFAULT_SAMPLING), else cfg 1, temperature 1, linear schedule,
-        filter 1e-4 and min(patches, 64) iterations per level."""
+        else from `self.sampling_defaults` (set by models.load_model from the checkpoint, in
+        the order models.sampling describes: stored settings, a trained checkpoint's run
+        flags or neutral ones, the model's DEFAULT_SAMPLING), else the official API's: cfg 1,
+        temperature 1, linear schedule, filter 1e-4 and min(patches, 64) iterations per level."""
         unknown = set(given) - set(SAMPLING_KEYS)
         if unknown:
             raise TypeError(f"unknown sampling settings {sorted(unknown)}; expected {', '.join(SAMPLING_KEYS)}")
@@ -211,6 +217,36 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         settings.update({k: v for k, v in given.items() if v is not None})
         settings["num_iter_list"] = tuple(settings["num_iter_list"])
         return settings
+
+    def sampling_origins(self, **given):
+        """Where each setting of sampling_config(**given) comes from: a dict of sources by
+        key, plain JSON (models.sampling): {"by": "caller"} for `given`, the checkpoint's
+        stored source ({"by": "sweep", "fid": ..., "num_images": ...}, {"by": "quick start"}),
+        {"by": "training run"}, {"by": "neutral"}, {"by": "model", "model": name} or
+        {"by": "official API"}."""
+        self.sampling_config(**given)  # the same check of the keys
+        sources = self.sampling_sources or {}
+        out = {}
+        for key in SAMPLING_KEYS:
+            if given.get(key) is not None:
+                out[key] = {"by": provenance.BY_CALLER}
+            elif key in (self.sampling_defaults or {}):
+                out[key] = dict(sources.get(key) or {"by": provenance.BY_SET})
+            else:
+                out[key] = {"by": provenance.BY_API}
+        return out
+
+    def describe_sampling(self, **given):
+        """sampling_config(**given) and sampling_origins(**given) as one line, e.g. 'cfg 2,
+        temperature 1 (sweep, FID 12.30 on 500 images); num_iter_list 16,16, ... (fractalmar_tiny's
+        defaults)'."""
+        return provenance.describe(self.sampling_config(**given), self.sampling_origins(**given))
+
+    def sampling_note(self, **given):
+        """One line saying that `python -m util.sweep` picks better settings, when the cfg or
+        temperature of this call were not measured for these weights (see
+        models.sampling.sweep_note); else None."""
+        return provenance.sweep_note(self.sampling_origins(**given), self.checkpoint_path)
 
     @torch.no_grad()
     def generate(self, labels, num_iter_list=None, cfg=None, cfg_schedule=None, temperature=None,

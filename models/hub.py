@@ -10,28 +10,31 @@ save_pretrained / from_pretrained / push_to_hub from its PyTorchModelHubMixin:
 
 config.json is `model.config`, the record checkpoints store under 'config' (every
 constructor keyword, class_num among them), with 'sampling' set to the settings
-generate() uses, plus two entries of the folder itself: 'model_name' and 'weights' ("ema"
-or "raw": which weights model.safetensors holds). models.loading builds the model from it
+generate() uses, plus entries of the folder itself: 'model_name', 'weights' ("ema" or
+"raw": which weights model.safetensors holds) and 'sampling_sources' (where each sampling
+setting came from: models.sampling). models.loading builds the model from it
 and loads the weights strictly.
 
 Downloads go through huggingface_hub's hf_hub_download (its cache, HF_ENDPOINT, HF_TOKEN,
 HF_HUB_OFFLINE). Before that, one TCP connection to the endpoint (or the proxy) tells
 whether the Hub can be reached at all: when it cannot, the files come from the cache or
 the load stops at once with one line (hf_hub_download alone retries for about 25 s).
-This module imports no other module of the package but errors (models.fractalgen imports it).
+This module imports no other module of the package but errors and sampling (models.fractalgen imports it).
 """
 import os
 import socket
 import urllib.parse
 import urllib.request
 
+from . import sampling as provenance
 from .errors import UserInputError
 
 HUB_PREFIX = "hf-hub:"             # models.load_model("hf-hub:user/name"), or "hf-hub:user/name@revision"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SAMPLING = "sampling"
-FOLDER_KEYS = ("model_name", "weights")  # config.json entries beside the configuration record
+SAMPLING_SOURCES = "sampling_sources"  # where each sampling setting came from (models.sampling)
+FOLDER_KEYS = ("model_name", "weights", SAMPLING_SOURCES)  # config.json entries beside the configuration record
 WEIGHTS = {"ema": "the exponential moving average (EMA) of the trained weights", "raw": "the trained weights"}
 PROBE_TIMEOUT_S = 3.0
 PAPER_URL = "https://arxiv.org/abs/2502.17437"
@@ -76,6 +79,7 @@ def folder_config(model):
     config[SAMPLING] = {k: list(v) if isinstance(v, tuple) else v for k, v in model.sampling_config().items()}
     config["model_name"] = model.model_name
     config["weights"] = getattr(model, "weights", None) or "raw"
+    config[SAMPLING_SOURCES] = model.sampling_origins()
     return config
 
 
@@ -215,6 +219,15 @@ def split_folder_config(config, where):
     if weights not in WEIGHTS:
         raise UserInputError(f"{where}: {CONFIG_FILE}'s weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     return record, name, weights
+
+
+def folder_sources(config, settings):
+    """Where each of `settings` (a folder's sampling settings) came from: its config.json's
+    'sampling_sources' where it names one ({"by": ...}), else {"by": "Hub folder"} (provenance.BY_FOLDER)."""
+    stored = config.get(SAMPLING_SOURCES)
+    stored = stored if isinstance(stored, dict) else {}
+    return {key: dict(stored[key]) if isinstance(stored.get(key), dict) and isinstance(stored[key].get("by"), str)
+            else {"by": provenance.BY_FOLDER} for key in settings}
 
 
 def read_weights(path, where):

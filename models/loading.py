@@ -16,9 +16,11 @@ Weights: a checkpoint trained with --ema_rate also holds a moving average of the
 ('model_ema', under the keys of 'model'); it is loaded instead of the raw weights unless
 `ema=False`, and `model.weights` says which ("ema" or "raw").
 
-Sampling settings: the record's own ('sampling', e.g. a named model's DEFAULT_SAMPLING),
-overridden by those a checkpoint stores under 'sampling' (the quick start does). They
-become the defaults of `model.generate` (see FractalGen.sampling_config).
+Sampling settings: those a checkpoint stores under 'sampling' (a sweep's, the quick
+start's), then for a checkpoint main_fractalgen.py trained the training run's own flags and
+neutral cfg 1 / temperature 1, then the record's own ('sampling', e.g. a named model's
+DEFAULT_SAMPLING); models.sampling says the order and why. They become the defaults of
+`model.generate`; `model.sampling_origins()` says where each came from.
 """
 import argparse
 import os
@@ -28,16 +30,18 @@ import zipfile
 
 import torch
 
-from .checks import check_sampling
+from . import sampling as provenance
+from .checks import SAMPLING_KEYS, check_sampling, parse_num_iter_list
 from .config import (CONFIGS, SAMPLING, build, check_config, config_name, get_config, is_config_file,
                      read_config_file)
 from .errors import UserInputError
 from .fractalgen import CheckpointMismatchError
-from .hub import HUB_PREFIX, fetch_files, is_hub_source, read_weights, split_folder_config
+from .hub import HUB_PREFIX, fetch_files, folder_sources, is_hub_source, read_weights, split_folder_config
 from .zoo import CHECKPOINT_NAME, PRETRAINED_URLS, download_pretrained
 
 CONFIG = "config"  # the checkpoint key of the configuration record
 EMA_KEY = "model_ema"  # the checkpoint key of the EMA weights (main_fractalgen.py --ema_rate)
+SAMPLING_SOURCE = "sampling_source"  # who stored a checkpoint's 'sampling' settings, on what evidence
 SAFE_GLOBALS = [argparse.Namespace]  # official checkpoints store their flags as a Namespace
 # 'args' entries of an official checkpoint that shape the architecture besides the model
 # name (dropout, learning rate and paths do not matter for sampling)
@@ -152,7 +156,8 @@ def checkpoint_config(ckpt, path, model=None):
     model (a name of CONFIGS or a JSON file) when given; else the checkpoint's own
     'config' record; else (official files) the name from its args or folder, with the
     architecture flags its args hold and class_num from the class embedding. A stored
-    record and stored sampling settings are data from outside: checked like a JSON file."""
+    record is data from outside: checked like a JSON file. The record's 'sampling' is its
+    own: the settings the checkpoint stores are read by checkpoint_sampling."""
     args = checkpoint_args(ckpt)
     given_by = args.get("model")
     if model is None and ckpt.get(CONFIG) is not None:
@@ -167,12 +172,52 @@ def checkpoint_config(ckpt, path, model=None):
             overrides["class_num"] = class_num
         record = get_config(name, **overrides)
         name = config_name(name)
-    stored = ckpt.get(SAMPLING)
-    if stored is not None:
-        levels = len(record["img_size_list"]) - 1
-        sampling = {**record.get(SAMPLING, {}), **check_sampling(stored, f"{path}: its '{SAMPLING}' entry: ", levels)}
-        record = {**record, SAMPLING: sampling}
     return record, name
+
+
+# ---------------------------------------------------------------------- sampling settings
+def trained_here(ckpt):
+    """Whether main_fractalgen.py trained the checkpoint (official files have neither key)."""
+    return ckpt.get("train_state") is not None or ckpt.get(CONFIG) is not None
+
+
+def stored_sampling(ckpt, path, levels):
+    """(settings, source) the checkpoint stores ('sampling', 'sampling_source'), checked like
+    a JSON file, or (None, None). A sweep's source measured at another training position
+    than the checkpoint's (training went on after the sweep) is marked 'earlier_weights'."""
+    stored = ckpt.get(SAMPLING)
+    if stored is None:
+        return None, None
+    settings = check_sampling(stored, f"{path}: its '{SAMPLING}' entry: ", levels)
+    source = ckpt.get(SAMPLING_SOURCE)
+    source = dict(source) if isinstance(source, dict) else {"by": provenance.BY_CHECKPOINT}
+    if source.get("by") == provenance.BY_SWEEP and "epoch" in source:
+        measured = (source.get("epoch"), source.get("step", 0))
+        source["earlier_weights"] = measured != provenance.position(ckpt)
+    return settings, source
+
+
+def run_flags(args, path, levels):
+    """The sampling flags a training run set (its args; None: not set), checked."""
+    flags = {k: args.get(k) for k in SAMPLING_KEYS if args.get(k) is not None}
+    if isinstance(flags.get("num_iter_list"), str):
+        flags["num_iter_list"] = parse_num_iter_list(flags["num_iter_list"])
+    return check_sampling(flags, f"{path}: its args: ", levels)
+
+
+def checkpoint_sampling(ckpt, path, record, name, model=None):
+    """(settings, sources): the sampling defaults of the model a checkpoint holds and where
+    each came from (models.sampling): stored, else (trained by main_fractalgen.py) the
+    training run's flags, the user's JSON configuration's and neutral ones, else the
+    record's. `model`: the --model (model=) given for it, if any."""
+    levels = len(record["img_size_list"]) - 1
+    stored, source = stored_sampling(ckpt, path, levels)
+    args = checkpoint_args(ckpt)
+    trained = trained_here(ckpt)
+    user_record = is_config_file(model if model is not None else args.get("model"))
+    pairs = provenance.layers(record.get(SAMPLING), name, stored, source, trained,
+                              run_flags(args, path, levels) if trained else None, user_record)
+    return provenance.resolve(pairs)
 
 
 def load_model(path_or_name, model=None, device="cpu", download=False, root="pretrained_models", ema=True):
@@ -186,8 +231,9 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
     override what it says). ema: load the checkpoint's EMA weights ('model_ema') when it
     has them; False: the raw weights ('model'). Returns the FractalGen in eval mode on
     `device`, with `model_name`, `config`, `weights` ("ema" or "raw") and
-    `sampling_defaults` (the record's sampling settings, overridden by the checkpoint's
-    'sampling') set. Bad input raises UserInputError
+    `sampling_defaults` / `sampling_sources` (checkpoint_sampling), `checkpoint_path` and
+    `checkpoint_position` ((epoch, step): models.sampling.position) set. Bad input raises
+    UserInputError
     (models.zoo.DownloadError for a failed download) with one sentence."""
     if is_hub_source(path_or_name):
         if model is not None:
@@ -204,7 +250,9 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
     except ValueError as e:  # a CheckpointMismatchError
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
     net.weights = "ema" if use_ema else "raw"
-    net.sampling_defaults = sampling_defaults(record)
+    net.sampling_defaults, net.sampling_sources = checkpoint_sampling(ckpt, path, record, name, model)
+    net.record_sampling = dict(net.sampling_defaults)  # model.config's 'sampling': what it samples with (as a Hub folder)
+    net.checkpoint_path, net.checkpoint_position = path, provenance.position(ckpt)
     return net.to(device).eval()
 
 
@@ -225,7 +273,8 @@ def load_pretrained(source, device="cpu", revision=None, ema=True, **hub_kwargs)
     `model.weights` says whether they are EMA or raw weights; ema=False refuses a folder
     of EMA weights (it holds no others)."""
     config_path, weights_path, where = fetch_files(source, revision=revision, **hub_kwargs)
-    record, name, weights = split_folder_config(read_config_file(config_path), where)
+    config = read_config_file(config_path)
+    record, name, weights = split_folder_config(config, where)
     if not ema and weights == "ema":
         raise UserInputError(f"{where} holds only EMA weights (its config.json says so); leave out --no_ema "
                              f"(ema=False), or export the checkpoint again with --no_ema for its raw weights")
@@ -237,5 +286,6 @@ def load_pretrained(source, device="cpu", revision=None, ema=True, **hub_kwargs)
         raise UserInputError(f"{where}: its config.json does not build the weights in model.safetensors "
                              f"({str(e).split(': ', 1)[-1]}); the folder is inconsistent: export it again") from None
     net.sampling_defaults = sampling_defaults(record)
+    net.sampling_sources = folder_sources(config, net.sampling_defaults)
     net.weights = weights
     return net.to(device).eval()

@@ -20,8 +20,8 @@ import threading
 import torch
 
 import util.misc as misc
-from models.loading import (CHECKPOINT_NAME, SAFE_GLOBALS, checkpoint_class_num, load_checkpoint,  # noqa: F401
-                            safe_load)
+from models.loading import (CHECKPOINT_NAME, SAFE_GLOBALS, SAMPLING_SOURCE, checkpoint_class_num,  # noqa: F401
+                            load_checkpoint, safe_load)
 from util import preempt
 from util.misc import UserInputError, writing
 
@@ -62,21 +62,28 @@ def save_checkpoint(state, path, keep_previous=False):
         _fsync_folder(folder)
 
 
-SAMPLING_SOURCE = "sampling_source"  # who stored a checkpoint's 'sampling' settings, on what evidence
-
-
 def store_sampling(path, settings, source):
     """Make `settings` (a dict of sampling settings) the stored sampling settings of the
-    checkpoint at `path` (its 'sampling' entry), recording `source` (a dict; its 'by' says
-    who chose them: "sweep", "quick start") under 'sampling_source'. The official entries
-    and the weights stay as they are; the file is replaced atomically. Returns True when
-    the file changed."""
+    checkpoint at `path` (its 'sampling' entry), recording `source` (a plain dict; its 'by'
+    says who chose them: "sweep", "quick start"; models.sampling) under 'sampling_source'.
+    The official entries and the weights stay as they are; the file is replaced atomically.
+    Returns True when the file changed."""
     ckpt = load_checkpoint(path)
     if ckpt.get("sampling") == settings and ckpt.get(SAMPLING_SOURCE) == source:
         return False
     ckpt["sampling"], ckpt[SAMPLING_SOURCE] = settings, source
     save_checkpoint(ckpt, path)
     return True
+
+
+def file_signature(path):
+    """(inode, size, mtime) of a file, None when there is none: a save or a store replaces
+    the file (a new inode), so another signature means another write."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def remove_stale_temp_files(folder):
@@ -113,11 +120,13 @@ class CheckpointWriter:
         self.background = background
         self.thread = None
         self.error = None
+        self.written = None  # file_signature of the last file written
 
     def save(self, state, path, keep_previous=True):
         self.wait()
         if not self.background:
             save_checkpoint(state, path, keep_previous)
+            self.written = file_signature(path)
             return
         snapshot = cpu_copy(state)
         self.thread = threading.Thread(target=self._write, args=(snapshot, path, keep_previous),
@@ -127,6 +136,7 @@ class CheckpointWriter:
     def _write(self, state, path, keep_previous):
         try:
             save_checkpoint(state, path, keep_previous)
+            self.written = file_signature(path)
         except BaseException as e:  # handed to the main thread by wait()
             self.error = e
 

@@ -36,8 +36,10 @@ from PIL import Image, ImageDraw, ImageFont
 import util.misc as misc
 from engine_fractalgen import evaluate_gen
 from models import load_model
-from models.loading import resolve_checkpoint
+from models import sampling as provenance
 from models.fractalgen import SAMPLING_KEYS
+from models.loading import resolve_checkpoint
+from models.sampling import format_fid
 from util import checkpoint as ckpt_util
 from util import fid, validation
 from util.misc import UserInputError, print0
@@ -239,11 +241,6 @@ def find_result(results, context, setting):
         if entry.get("context") == context and same_setting(entry["setting"], setting):
             return entry
     return None
-
-
-def format_fid(value):
-    """Two decimals, or four significant digits for values below 1 (small feature scales)."""
-    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
 
 
 def best_index(rows):
@@ -458,7 +455,7 @@ def run(args):
             save_results(results_path, results)
     if not misc.is_main_process():
         return None
-    return report(args, settings, results, context, ckpt_path, stats_path, output_dir)
+    return report(args, model, settings, results, context, ckpt_path, stats_path, output_dir)
 
 
 def setting_args(args, setting, output_dir, model):
@@ -470,7 +467,7 @@ def setting_args(args, setting, output_dir, model):
         prc_ref_dir=args.prc_ref_dir, num_workers=args.num_workers)
 
 
-def report(args, settings, results, context, ckpt_path, stats_path, output_dir):
+def report(args, model, settings, results, context, ckpt_path, stats_path, output_dir):
     """Table, pictures and --store, from the recorded results of this grid (rank 0)."""
     rows = [find_result(results, context, s) for s in settings]
     best = best_index(rows)
@@ -486,13 +483,16 @@ def report(args, settings, results, context, ckpt_path, stats_path, output_dir):
     print(f"wrote {os.path.join(output_dir, TABLE_NAME)}, {sheet}, {heat}")
     winner = rows[best]
     if args.store:
-        source = {"by": "sweep", "fid": winner["metrics"]["fid"], "num_images": args.num_images,
-                  "reference": os.path.abspath(stats_path), "settings_tried": len(rows),
+        epoch, step = model.checkpoint_position
+        source = {"by": provenance.BY_SWEEP, "fid": winner["metrics"]["fid"], "num_images": args.num_images,
+                  "reference": os.path.abspath(stats_path),
+                  "inception_weights": args.inception_weights and os.path.abspath(args.inception_weights),
+                  "settings_tried": len(rows), "epoch": epoch, "step": step, "weights": model.weights,
                   "date": datetime.date.today().isoformat()}
         with misc.writing(ckpt_path, flag="--resume"):
             ckpt_util.store_sampling(ckpt_path, {k: winner["setting"][k] for k in SAMPLING_KEYS}, source)
         print(f"stored in {ckpt_path}: {describe(winner['setting'])} (FID {format_fid(winner['metrics']['fid'])}); "
-              f"models.load_model, demo/sample.py and the notebook now sample with it")
+              f"models.load_model, demo/sample.py, the notebook and --evaluate_gen now sample with it")
     else:
         print(f"best: {describe(winner['setting'])}; rerun with --store to make it the checkpoint's default "
               f"(the finished settings are not redone)")
