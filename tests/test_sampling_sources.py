@@ -152,17 +152,27 @@ def test_an_untrained_model_and_a_hub_folder_say_where_their_settings_come_from(
 
 
 # ---------------------------------------------------------------------- what generation samples with
-def test_evaluate_gen_uses_the_stored_settings_unless_a_flag_is_given(run_main, model, tmp_path, monkeypatch,
+@pytest.fixture
+def recorded_generation(monkeypatch):
+    """main_fractalgen's evaluate_gen replaced by a recorder of the settings it would
+    generate with (engine_fractalgen.generation_args): returns the list it appends to."""
+    def install():
+        seen = []
+
+        def recording_eval(model, args, *a, **k):
+            seen.append(vars(engine_fractalgen.generation_args(model, args)))
+            return {"folder": None}
+
+        monkeypatch.setattr(main_fractalgen, "evaluate_gen", recording_eval)
+        monkeypatch.setattr(main_fractalgen, "check_generation", lambda args, model: None)
+        return seen
+    return install
+
+
+def test_evaluate_gen_uses_the_stored_settings_unless_a_flag_is_given(run_main, model, tmp_path, recorded_generation,
                                                                       capsys):
     path = write_ckpt(tmp_path / "checkpoint-last.pth", model, sampling=SWEPT, sampling_source=sweep_source(epoch=4))
-    seen = []
-
-    def recording_eval(model, args, *a, **k):
-        seen.append(vars(engine_fractalgen.generation_args(model, args)))
-        return {"folder": None}
-
-    monkeypatch.setattr(main_fractalgen, "evaluate_gen", recording_eval)
-    monkeypatch.setattr(main_fractalgen, "check_generation", lambda args, model: None)
+    seen = recorded_generation()
     argv = ["--resume", path, "--device", "cpu", "--evaluate_gen", "--num_images", 2, "--output_dir", tmp_path]
     run_main(*argv)
     assert {k: seen[-1][k] for k in SWEPT} == {**SWEPT, "num_iter_list": (2, 2)}
@@ -204,7 +214,8 @@ def test_sample_py_says_where_the_settings_come_from_and_notes_once(model, tmp_p
 
 # ---------------------------------------------------------------------- training keeps stored settings
 def test_training_keeps_a_sweeps_settings_across_saves_resume_and_online_eval(run_main, tiny_data, tmp_path,
-                                                                              monkeypatch, capsys):
+                                                                              recorded_generation, monkeypatch,
+                                                                              capsys):
     out = str(tmp_path / "run")
     path = os.path.join(out, "checkpoint-last.pth")
     run_main(*train_argv(tiny_data, out))
@@ -214,14 +225,7 @@ def test_training_keeps_a_sweeps_settings_across_saves_resume_and_online_eval(ru
 
     # a sweep stores its winner; training goes on from it, online evaluation samples with it
     ckpt_util.store_sampling(path, SWEPT, sweep_source(epoch=0))
-    seen = []
-
-    def recording_eval(model, args, *a, **k):
-        seen.append(vars(engine_fractalgen.generation_args(model, args)))
-        return {"folder": None}
-
-    monkeypatch.setattr(main_fractalgen, "evaluate_gen", recording_eval)
-    monkeypatch.setattr(main_fractalgen, "check_generation", lambda args, model: None)
+    seen = recorded_generation()
     run_main(*train_argv(tiny_data, out, "--online_eval", "--eval_freq", 1, epochs=2))
     assert seen and seen[-1]["cfg"] == 2.5 and seen[-1]["num_iter_list"] == (2, 2)
     resumed = ckpt_util.load_checkpoint(path)

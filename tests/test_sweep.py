@@ -10,7 +10,7 @@ from PIL import Image
 
 from models import create_model, load_model
 from util import checkpoint as ckpt_util
-from util import fid, sweep
+from util import fid, sweep, validation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = "fractalmar_tiny"
@@ -60,6 +60,7 @@ def counting(monkeypatch):
     return make
 
 
+@pytest.mark.slow  # 4 settings, each FID a 2048x2048 matrix square root: minutes on a busy CPU
 def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
         ckpt, tiny_data, fid_stats, inception_weights, counting, monkeypatch, capsys):
     before = ckpt_util.load_checkpoint(ckpt)
@@ -116,21 +117,45 @@ def test_sweep_marks_the_lowest_fid_caches_the_statistics_and_stores_the_winner(
     assert "cached" in capsys.readouterr().out
 
 
-def test_an_interrupted_sweep_resumes_without_redoing_finished_settings(ckpt, fid_stats, inception_weights, counting):
-    grid = ("--cfg", "1,2,3", "--temperature", "1")  # 3 settings: Ctrl-C in the second
+def test_an_interrupted_sweep_resumes_marks_the_lowest_fid_and_stores_it(
+        ckpt, tiny_data, inception_weights, counting, monkeypatch, capsys):
+    """The default suite's end-to-end sweep (2 settings, 2 FIDs): Ctrl-C in the second
+    setting; the rerun generates only that one, reuses the cached statistics of the data,
+    marks the lower FID and stores it, which load_model(...).generate() then uses."""
+    grid = ("--cfg", "1,3", "--temperature", "1", "--data_path", tiny_data, "--store")
     first = counting(stop_at=2)
     with pytest.raises(SystemExit) as stop:
-        run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, *grid)
+        run_sweep(ckpt, inception_weights, *grid)
     assert stop.value.code == 130
     results = os.path.join(os.path.dirname(ckpt), "sweep", sweep.RESULTS_NAME)
     done = json.load(open(results))["results"]
     assert [(r["setting"]["cfg"], r["setting"]["temperature"]) for r in done] == first.calls[:1] == [(1.0, 1.0)]
+    assert "sampling" not in ckpt_util.load_checkpoint(ckpt)  # nothing stored by an unfinished sweep
+    capsys.readouterr()
 
     second = counting()
-    result = run_sweep(ckpt, inception_weights, "--fid_stats_path", fid_stats, *grid)
-    assert second.calls == [(2.0, 1.0), (3.0, 1.0)]
-    assert [r["setting"]["cfg"] for r in result["rows"]] == [1.0, 2.0, 3.0]
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: pytest.fail("statistics recomputed"))
+    result = run_sweep(ckpt, inception_weights, *grid)
+    assert second.calls == [(3.0, 1.0)]
+    assert "(1 already done" in capsys.readouterr().out
     assert json.load(open(results))["results"][0] == done[0]  # the first run's record, kept as it was
+    rows, best = result["rows"], result["best"]
+    assert [r["setting"]["cfg"] for r in rows] == [1.0, 3.0]
+    fids = [r["metrics"]["fid"] for r in rows]
+    assert fids[0] != fids[1] and fids[best] == min(fids)
+    marked = [line for line in result["table"].splitlines() if "<- best" in line]
+    assert len(marked) == 1 and marked[0].startswith("*") and sweep.format_fid(min(fids)) in marked[0].split()
+    assert os.path.dirname(result["stats_path"]) == os.path.dirname(ckpt)
+
+    winner = {**rows[best]["setting"], "num_iter_list": (2, 2)}
+    stored = ckpt_util.load_checkpoint(ckpt)
+    assert stored["sampling"] == {**winner, "num_iter_list": [2, 2]} and stored["sampling_source"]["fid"] == min(fids)
+    model = load_model(ckpt)
+    assert model.sampling_config() == winner and model.sampling_origins()["cfg"]["by"] == "sweep"
+    torch.manual_seed(3)
+    default = model.generate([0, 1])
+    torch.manual_seed(3)
+    assert torch.equal(default, model.generate([0, 1], **winner))
 
 
 def test_results_are_reused_only_for_the_same_measurement():
@@ -155,6 +180,67 @@ def test_the_best_row_is_the_lowest_fid_wherever_it_is():
         assert lines[best + 1].endswith("<- best (lowest FID)")
 
 
+def test_the_report_marks_and_stores_the_lowest_fid_of_this_grid_only(ckpt, tmp_path, capsys):
+    """report() on recorded results (no generation): the rows are this grid's settings under
+    this measurement; a lower FID recorded under another measurement (other weights) or for a
+    setting outside the grid is neither marked nor stored. The stored source names the FID,
+    the image count and the checkpoint position the sweep measured."""
+    model = load_model(ckpt)
+    base = dict(num_iter_list=[2, 2], cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
+    settings = [dict(base, cfg=float(c)) for c in (1, 2, 3, 4)]
+    context = {"weights": "now", "num_images": 4}
+
+    def entry(setting, value, ctx=context):
+        return {"context": ctx, "setting": setting, "metrics": {"fid": value, "inception_score": 1.0},
+                "sec_per_image": 0.1, "folder": str(tmp_path / "gone")}
+    results = [entry(dict(base, cfg=9.0), 0.1),                                   # not in this grid
+               entry(settings[3], 4.0),
+               entry(settings[2], 0.5, {"weights": "before", "num_images": 4}),  # another measurement
+               entry(settings[0], 3.0), entry(settings[2], 2.0), entry(settings[1], 1.5)]
+    stats = tmp_path / "stats.npz"
+    args = argparse.Namespace(num_images=4, seed=0, sheet_images=2, store=True, inception_weights=None)
+    result = sweep.report(args, model, settings, results, context, ckpt, str(stats), str(tmp_path / "out"))
+    assert result["best"] == 1 and [r["metrics"]["fid"] for r in result["rows"]] == [3.0, 1.5, 2.0, 4.0]
+    assert [line.split()[1] for line in result["table"].splitlines() if line.startswith("*")] == ["2"]
+    stored = ckpt_util.load_checkpoint(ckpt)
+    assert stored["sampling"] == settings[1]
+    source = stored["sampling_source"]
+    assert (source["by"], source["fid"], source["num_images"], source["settings_tried"]) == ("sweep", 1.5, 4, 4)
+    assert (source["epoch"], source["step"], source["reference"]) == (7, 0, str(stats))
+    assert "stored in" in capsys.readouterr().out
+    assert load_model(ckpt).sampling_config()["cfg"] == 2.0
+
+
+def test_a_result_is_redone_when_anything_it_depends_on_changes(ckpt, tmp_path):
+    """run_context: the weights, the reference file, the image count, the seed, precision,
+    sampler, Inception weights and precision/recall reference each make another measurement."""
+    model = load_model(ckpt)
+    for name, text in (("a.npz", "a"), ("b.npz", "b"), ("w1", "1"), ("w2", "2")):
+        (tmp_path / name).write_text(text)
+    args = argparse.Namespace(num_images=4, seed=0, precision="fp32", fast_sampling="off",
+                              inception_weights=str(tmp_path / "w1"), prc_ref_dir=None)
+    base = sweep.run_context(args, model, str(tmp_path / "a.npz"))
+    assert sweep.run_context(argparse.Namespace(**vars(args)), load_model(ckpt), str(tmp_path / "a.npz")) == base
+    for key, value in [("num_images", 8), ("seed", 1), ("precision", "bf16"), ("fast_sampling", "compiled"),
+                       ("inception_weights", str(tmp_path / "w2")), ("prc_ref_dir", str(tmp_path))]:
+        assert sweep.run_context(argparse.Namespace(**{**vars(args), key: value}), model,
+                                 str(tmp_path / "a.npz")) != base, key
+    assert sweep.run_context(args, model, str(tmp_path / "b.npz")) != base
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert sweep.run_context(args, model, str(tmp_path / "a.npz")) != base
+
+
+def test_storing_the_same_settings_with_another_source_rewrites_the_source(ckpt):
+    settings = dict(num_iter_list=[2, 2], cfg=2.0, cfg_schedule="linear", temperature=1.0, filter_threshold=1e-4)
+    assert ckpt_util.store_sampling(ckpt, settings, {"by": "quick start"})
+    mtime = os.stat(ckpt).st_mtime_ns
+    assert not ckpt_util.store_sampling(ckpt, dict(settings), {"by": "quick start"})  # nothing new: not rewritten
+    assert os.stat(ckpt).st_mtime_ns == mtime
+    assert ckpt_util.store_sampling(ckpt, settings, {"by": "sweep", "fid": 3.0})
+    assert ckpt_util.load_checkpoint(ckpt)["sampling_source"] == {"by": "sweep", "fid": 3.0}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--cfg", "-1"], r"--cfg must be a finite number of 0 or more, got -1"),
     (["--cfg", ""], r"--cfg '' is empty"),
@@ -165,6 +251,10 @@ def test_the_best_row_is_the_lowest_fid_wherever_it_is():
     (["--num_iter_list", "0,2"], r"--num_iter_list '0,2' must hold positive integers"),
     (["--num_iter_list", "a"], r"--num_iter_list 'a' must be comma-separated integers"),
     (["--num_images", "0"], r"--num_images must be at least 1"),
+    (["--gen_bsz", "0"], r"--gen_bsz must be at least 1"),
+    (["--sheet_images", "0"], r"--sheet_images must be at least 1"),
+    (["--num_workers", "-1"], r"--num_workers must be at least 0"),
+    (["--filter_threshold", "1"], r"--filter_threshold must be below 1"),
 ])
 def test_bad_grids_get_one_line_before_any_work(tmp_path, flags, message, capsys):
     """Checked before the checkpoint is even looked for (--resume names nothing here)."""
@@ -175,6 +265,25 @@ def test_bad_grids_get_one_line_before_any_work(tmp_path, flags, message, capsys
     text = str(stop.value.code)
     assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
     assert not os.path.exists(missing)
+
+
+def test_a_sweep_needs_a_reference(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: FID needs reference statistics: pass --data_path DATA"):
+        sweep.main(["--resume", str(tmp_path / "absent"), "--cfg", "1,2"])
+
+
+def test_duplicate_grid_values_are_tried_once():
+    assert validation.parse_sampling_grid("1,2,1", "1.0,1", ["2,2", "2, 2", "4,2"]) == ([1.0, 2.0], [1.0],
+                                                                                      [(2, 2), (4, 2)])
+
+
+def test_iteration_lists_must_fit_the_models_levels(ckpt, fid_stats, inception_weights, monkeypatch):
+    monkeypatch.setattr(sweep, "evaluate_gen", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(SystemExit, match=r"--num_iter_list 2,2,2 has 3 entries but fractalmar_tiny has 2 generator "
+                                         r"levels; give one per level"):
+        sweep.main(["--resume", os.path.dirname(ckpt), "--fid_stats_path", fid_stats, "--inception_weights",
+                    inception_weights, "--device", "cpu", "--num_iter_list", "2,2", "2,2,2"])
+    assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "sweep"))
 
 
 def test_num_images_must_balance_the_classes(ckpt, fid_stats, inception_weights):
