@@ -55,7 +55,8 @@ def test_unlabelled_folder_trains_resumes_evaluates_samples_and_reloads(run_main
     fid_flags = ["--fid_stats_path", fid_stats, "--inception_weights", inception_weights]
     gen = run_main("--model", "fractalar_tiny", "--output_dir", out, "--resume", out, "--device", "cpu",
                    "--num_workers", 0, "--evaluate_gen", "--num_images", 4, "--gen_bsz", 2, *fid_flags)
-    assert gen["args"].class_num == 1 and gen["args"].cfg == 1.0
+    assert gen["args"].class_num == 1 and gen["model"].sampling_config()["cfg"] == 1.0  # stored: no guidance
+    assert gen["model"].sampling_origins()["cfg"] == {"by": "one class"}
     assert sorted(os.listdir(gen["gen"]["folder"])) == [f"0000{i}.png" for i in range(4)]
     assert "-cfg1.0linear-" in gen["gen"]["folder"] and math.isfinite(gen["gen"]["fid"])
 
