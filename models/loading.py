@@ -251,7 +251,6 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
     net.weights = "ema" if use_ema else "raw"
     net.sampling_defaults, net.sampling_sources = checkpoint_sampling(ckpt, path, record, name, model)
-    net.record_sampling = dict(net.sampling_defaults)  # model.config's 'sampling': what it samples with (as a Hub folder)
     net.checkpoint_path, net.checkpoint_position = path, provenance.position(ckpt)
     return net.to(device).eval()
 
