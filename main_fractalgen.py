@@ -28,7 +28,7 @@ from models.config import SAMPLING, config_name, is_config_file
 from models.loading import CONFIG, EMA_KEY, SAMPLING_SOURCE, checkpoint_config, checkpoint_sampling, stored_sampling
 from util import checkpoint as ckpt_util
 from util import data as data_util
-from util import fid, logs, preempt, validation
+from util import cli, fid, logs, memory, preempt, validation
 from util.ema import EMA
 from util.misc import UserInputError, print0
 
@@ -43,8 +43,7 @@ UNCONDITIONAL_SOURCE = {"by": provenance.BY_ONE_CLASS}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("FractalGen training and evaluation",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description="FractalGen training and evaluation.")
     add = parser.add_argument
     # training
     add("--batch_size", default=64, type=int, help="images per process and step (effective: x processes)")
@@ -53,11 +52,10 @@ def get_args_parser():
     add("--resume", default="", help="folder holding checkpoint-last.pth (or the file) to resume or evaluate; "
                                      "equal to --output_dir it may not exist yet (fresh start)")
     add("--start_epoch", default=0, type=int, help="first epoch when not resuming")
-    add("--num_workers", default=10, type=int)
-    add("--threads", default=None, type=int,
-        help="CPU threads of each process for torch ops (torch.set_num_threads); default: torch's own, one per "
-             "core. On a machine other jobs share, fewer threads than cores avoid oversubscription, which can "
-             "make steps many times slower")
+    add("--num_workers", default=None, type=int,
+        help=f"data loader worker processes per process; default: min({cli.MAX_DEFAULT_WORKERS}, CPU cores) "
+             f"= {cli.default_num_workers()} here")
+    cli.add_threads_flag(parser)
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (default; CUDA only)")
     add("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
@@ -81,6 +79,9 @@ def get_args_parser():
     add("--no_guiding_pixel", dest="guiding_pixel", action="store_false")
     add("--grad_checkpointing", default=None, action="store_true",
         help="recompute activations in backward (less memory); default: the configuration's, else off")
+    add("--no_memory_check", action="store_true",
+        help="skip the memory estimate made before the first step (training then starts even where it says "
+             "the run will not fit)")
     add("--attn_dropout", default=None, type=float, help="default: the configuration's, else 0.1")
     add("--proj_dropout", default=None, type=float, help="default: the configuration's, else 0.1")
     add("--label_drop_prob", default=None, type=float,
@@ -120,15 +121,16 @@ def get_args_parser():
     add("--num_images", default=50000, type=int, help="images to generate (a multiple of class_num)")
     add("--eval_freq", default=40, type=int, help="online FID every N epochs")
     add("--save_last_freq", default=5, type=int, help="write checkpoint-last.pth every N epochs")
-    # long runs: step-level checkpoints, preemption, stalls (README: "Long runs")
+    # long runs: step-level checkpoints, preemption, stalls (docs/training.md)
     add("--save_every_steps", default=0, type=int,
         help="also checkpoint every N training steps (counted from the start of training; 0: off)")
     add("--save_every_min", default=0.0, type=float,
         help="also checkpoint when M minutes of wall clock have passed since the last checkpoint (0: off)")
     add("--save_thread", default=None, action="store_true",
         help="write checkpoints from a background thread: training stalls only for a CPU copy of the state "
-             "(default on CUDA; README: Long runs)")
-    add("--no_save_thread", dest="save_thread", action="store_false", help="write checkpoints in the training loop")
+             "(the default on CUDA; docs/training.md)")
+    add("--no_save_thread", dest="save_thread", action="store_false",
+        help="write checkpoints in the training loop (the default on CPU)")
     add("--requeue_exit_code", default=0, type=int,
         help="exit code after a stop by SIGTERM / SIGUSR1 / SIGINT (the state is checkpointed); e.g. set 3 "
              "and requeue the SLURM job when srun returns 3")
@@ -159,9 +161,6 @@ def get_args_parser():
     add("--local_rank", "--local-rank", default=-1, type=int)
     add("--dist_on_itp", action="store_true")
     add("--dist_url", default="env://", help="rendezvous URL for init_process_group")
-    for action in parser._actions:  # the formatter shows defaults only for options with a help text
-        if action.help is None and not isinstance(action, argparse._StoreFalseAction):  # not the --no_* twins
-            action.help = "default: %(default)s"
     return parser
 
 
@@ -176,6 +175,8 @@ def check_args(args):
         validation.positive_int(f"--{name}", value)
     if args.class_num is not None:
         validation.positive_int("--class_num", args.class_num)
+    if args.num_workers is None:
+        args.num_workers = cli.default_num_workers()
     validation.positive_int("--num_workers", args.num_workers, minimum=0)
     args.num_iter_list = validation.parse_num_iter_list(args.num_iter_list)
     validation.check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
@@ -238,6 +239,29 @@ def build_model(args, record=None):
         raise UserInputError(f"cannot build --model {args.model}: {e}") from None
     model.model_name = config_name(args.model)
     return model
+
+
+def models_for_size(size):
+    """Names of the models for images of at most `size` pixels (largest first)."""
+    sizes = {name: record["img_size_list"][0] for name, record in CONFIGS.items()}
+    return sorted((name for name in CONFIGS if sizes[name] <= size), key=lambda name: -sizes[name])
+
+
+def check_before_training(model, dataset, args, device):
+    """Before anything is written: warn when the images would be upscaled; stop every rank
+    when the memory estimate says training cannot fit (any rank's estimate)."""
+    if misc.is_main_process():
+        warning = data_util.upscaling_warning(dataset, args.img_size, suggest=models_for_size)
+        if warning:
+            print0(warning)
+    error = None
+    try:
+        memory.check_training_memory(model, args, device)
+    except UserInputError as e:
+        error = e
+    if misc.all_reduce_sum([float(error is not None)], device)[0]:
+        raise error or UserInputError("another process's memory estimate says training cannot fit; its message "
+                                      "says by how much")
 
 
 def check_img_size(args, record=None):
@@ -634,8 +658,10 @@ def close_held(held):
 def report_stop(stop, path, args):
     """One line per rank on where training stopped and how to go on; the details."""
     why = f"stopped by {stop.signal_name}" if stop.signal_name else "stopped (another process was signalled)"
+    resumes = args.resume and os.path.abspath(args.resume) == os.path.abspath(args.output_dir)
+    how = "run the same command again" if resumes else f"rerun with --resume {args.output_dir}"
     print(f"rank {misc.get_rank()}: {why} after step {stop.step} of {stop.steps} in epoch {stop.epoch}; "
-          f"{path} holds this point. To continue, rerun with --resume {args.output_dir}", flush=True)
+          f"{path} holds this point. To continue, {how}", flush=True)
     return {"epoch": stop.epoch, "step": stop.step, "steps": stop.steps, "signal": stop.signal_name,
             "checkpoint": path}
 
@@ -661,7 +687,7 @@ def run(args, device, held):
     generating = args.evaluate_gen or (training and args.online_eval)
     check_args(args)
     if args.threads is not None:
-        torch.set_num_threads(validation.positive_int("--threads", args.threads))
+        cli.set_threads(args.threads)
     args.precision = misc.resolve_precision(args.precision, device)
     record = validation.check_model(args.model) if args.model is not None else None
     if record is not None:
@@ -706,6 +732,11 @@ def run(args, device, held):
     print0(f"model {model.model_name}: {n_params / 1e6:.2f}M trainable parameters, {args.img_size}x{args.img_size}, "
            f"{classes}; device {device}, precision {args.precision}, "
            f"{misc.get_world_size()} process(es)")
+    if training:
+        check_before_training(model, dataset_train, args, device)
+    notice = cli.fast_notice(validation.fast_sampler(args.fast_sampling), model) if generating else None
+    if notice:
+        print0(notice)
     steps_per_epoch = len(loaders["train"]) if training else None
     log_writer = held["log_writer"] = open_outputs(args, ckpt, training, steps_per_epoch)
     if log_writer is None:

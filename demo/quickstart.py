@@ -16,7 +16,6 @@ that deletes only what the quick start's training wrote in OUT/train). The sampl
 settings used here are stored in the checkpoint, so demo/sample.py, the notebook and
 models.load_model(...).generate() sample it the same way.
 """
-import argparse
 import glob
 import json
 import os
@@ -33,8 +32,8 @@ if __package__ in (None, ""):  # run as `python demo/quickstart.py`: make the re
 import main_fractalgen  # noqa: E402
 from demo.sample import StepBar  # noqa: E402
 from models import DEFAULT_SAMPLING, load_model  # noqa: E402
-from util import toy_data  # noqa: E402
 from util import checkpoint as ckpt_util  # noqa: E402
+from util import cli, toy_data  # noqa: E402
 from util.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
 from util.misc import UserInputError, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
@@ -49,8 +48,7 @@ TRAINING_OUTPUTS = ("checkpoint*.pth", "checkpoint*.pth.tmp*", "log.txt", "event
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train and sample a tiny FractalGen on a toy dataset (CPU, minutes).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description="Train and sample a tiny FractalGen on a toy dataset (CPU, minutes).")
     p.add_argument("--out", default="quickstart_out", help="everything goes here: data/, train/, PNGs, GIF")
     p.add_argument("--model", default="fractalar_tiny", choices=QUICKSTART_MODELS)
     p.add_argument("--num_classes", type=int, default=4, help=f"shapes to learn (1..{len(toy_data.CLASSES)})")
@@ -70,9 +68,8 @@ def get_args_parser():
                    help="classifier-free guidance scale")
     p.add_argument("--device", default=None, help="cuda if available, else cpu, unless given")
     p.add_argument("--seed", type=int, default=0, help="seeds data, training and sampling")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch. The tiny model's ops are small: 2 threads were only "
-                        "~1.25x faster than 1 on an idle 2-core machine, and ~10x slower on a busy one")
+    cli.add_threads_flag(p, default=1, help=cli.THREADS_HELP + ". The tiny model's ops are small: 2 threads were "
+                     "only ~1.25x faster than 1 on an idle 2-core machine, and ~10x slower on a busy one")
     p.add_argument("--fresh", action="store_true",
                    help="delete the checkpoint, log and TensorBoard files of OUT/train and train from scratch")
     return p
@@ -82,18 +79,30 @@ def banner(text):
     print(f"\n=== {text} ===", flush=True)
 
 
+def shown(path):
+    """A path as the user would type it: relative to the current folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def device_and_seed(args):
+    """--device and --seed for main_fractalgen.py, where the user gave them."""
+    return [*(["--device", args.device] if args.device else []), *(["--seed", args.seed] if args.seed else [])]
+
+
 def train_args(args, data, train_dir):
-    """The command line handed to main_fractalgen.py for training."""
-    return ["--model", args.model, "--img_size", IMG_SIZE, "--data_path", data, "--output_dir", train_dir,
-            "--resume", train_dir, "--epochs", args.epochs, "--warmup_epochs", args.warmup_epochs,
+    """The command line handed to main_fractalgen.py for training (the README shows it, with
+    another --output_dir). Data loading stays in the process: the images are tiny."""
+    return ["--model", args.model, "--data_path", shown(data), "--output_dir", shown(train_dir),
+            "--resume", shown(train_dir), "--epochs", args.epochs, "--warmup_epochs", args.warmup_epochs,
             "--batch_size", args.batch_size, "--blr", args.blr, "--save_last_freq", max(1, args.epochs // 4),
-            "--num_workers", 0, "--seed", args.seed, *(["--device", args.device] if args.device else [])]
+            "--num_workers", 0, "--threads", args.threads, *device_and_seed(args)]
 
 
 def run_main(argv):
     """main_fractalgen.main in this process, exactly as from the command line."""
     argv = [str(a) for a in argv]
-    print("python main_fractalgen.py " + " ".join(argv), flush=True)
+    print(command("python", shown(os.path.join(REPO, "main_fractalgen.py")), *argv), flush=True)
     return main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv))
 
 
@@ -106,9 +115,9 @@ def val_examples(data, num_classes):
     return torch.cat(images)
 
 
-def write_samples(model, out, num_classes, per_class, seed):
-    """One row per class, with the model's sampling settings; also a GIF of the generation
-    process. Returns the two paths."""
+def make_samples(model, num_classes, per_class, seed):
+    """One row per class, with the model's sampling settings -> (images, the generation
+    process as GIF frames)."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     steps = StepBar(frame=lambda canvas: make_grid(canvas, per_class))
     torch.manual_seed(seed)
@@ -116,14 +125,12 @@ def write_samples(model, out, num_classes, per_class, seed):
         images = model.generate(labels, progress=steps).cpu()
     finally:
         steps.close()
-    png = save_grid(images, os.path.join(out, "samples.png"), nrow=per_class, scale=6)
-    gif = save_gif(steps.frames + [make_grid(images, per_class)], os.path.join(out, "generation.gif"), scale=6)
-    return png, gif
+    return images, steps.frames + [make_grid(images, per_class)]
 
 
-def write_conditional(model, data, out, num_classes, seed, per_task=3):
+def make_conditional(model, data, num_classes, seed, per_task=3):
     """Rows per class: original, masked input, `per_task` inpaintings (same label); masked
-    input, `per_task` edits under the next class's label. Returns the path."""
+    input, `per_task` edits under the next class's label -> the tiles, row by row."""
     originals = val_examples(data, num_classes)
     device = next(model.parameters()).device
     mask = make_mask("inpaint", IMG_SIZE, frac=0.5)
@@ -136,7 +143,15 @@ def write_conditional(model, data, out, num_classes, seed, per_task=3):
         other = (c + 1) % num_classes
         edits = model.generate([other] * per_task, known=image.to(device), known_mask=edit_mask.to(device)).cpu()
         rows.append(torch.cat([image, show_known(image, mask), same, show_known(image, edit_mask), edits]))
-    return save_grid(torch.cat(rows), os.path.join(out, "conditional.png"), nrow=2 * per_task + 3, scale=6)
+    return torch.cat(rows)
+
+
+def write_outputs(out, samples, frames, conditional, per_class, per_task=3):
+    """samples.png, generation.gif and conditional.png, written only once all of them are
+    made (an interrupted run leaves the previous run's files). Returns the three paths."""
+    return (save_grid(samples, os.path.join(out, "samples.png"), nrow=per_class, scale=6),
+            save_gif(frames, os.path.join(out, "generation.gif"), scale=6),
+            save_grid(conditional, os.path.join(out, "conditional.png"), nrow=2 * per_task + 3, scale=6))
 
 
 # ---------------------------------------------------------------------- OUT/train
@@ -191,46 +206,95 @@ def given_options(args, drop=()):
     return words
 
 
+def rerun_command(args):
+    """The quick start command that continues this run (never with --fresh)."""
+    return command("python", shown(os.path.join(REPO, "demo/quickstart.py")), *given_options(args, drop=("fresh",)))
+
+
 def next_steps(args, out, data, train_dir):
     """The 'Next steps' hint lines: each command in one line, with the user's own paths."""
-    def shown(path):  # as the user would type it: relative to the current folder when inside it
-        rel = os.path.relpath(path)
-        return path if rel.startswith("..") else rel
-
     ckpt, val_image = shown(train_dir), shown(os.path.join(data, "val", toy_data.CLASSES[0][0], "00000.png"))
     sample_py, quickstart_py, main_py, notebook = (shown(os.path.join(REPO, name)) for name in (
         "demo/sample.py", "demo/quickstart.py", "main_fractalgen.py", "demo/run_fractalgen.ipynb"))
     labels = list(range(args.num_classes))
+    threads = ["--threads", args.threads]
+    mar = command("python", quickstart_py, "--model", "fractalmar_tiny", "--out", shown(out) + "_mar")
+    outpaint = (f"outpainting works best with a MAR model ({mar}): an AR model cannot see known pixels below or "
+                f"right of the one it draws" if args.model.startswith("fractalar") else "")
     return [
-        "# more samples, and the generation as a GIF",
+        "# more samples (new ones: another --seed), and the generation as a GIF",
         command("python", sample_py, "--ckpt", ckpt, "--labels", *labels, "--num_per_label", 8,
-                "--output", shown(os.path.join(out, "more_samples.png")),
+                "--seed", args.seed + 1, *threads, "--output", shown(os.path.join(out, "more_samples.png")),
                 "--gif", shown(os.path.join(out, "more_generation.gif"))),
-        "# class-conditional editing of a val image (also --task inpaint, outpaint, uncrop)",
+        "# class-conditional editing of a val image: the centre box is redrawn as another class; what lies "
+        "outside the box stays, so parts of the old shape may remain around the new one",
         command("python", sample_py, "--ckpt", ckpt, "--task", "edit", "--input", val_image,
-                "--labels", min(1, args.num_classes - 1), "--output", shown(os.path.join(out, "edit.png"))),
+                "--labels", min(1, args.num_classes - 1), *threads, "--output", shown(os.path.join(out, "edit.png"))),
+        "# also --task inpaint, outpaint, uncrop" + (f"; {outpaint}" if outpaint else ""),
         "# the notebook, on this checkpoint",
-        f"FRACTALGEN_CKPT={shlex.quote(ckpt)} " + command("jupyter", "notebook", notebook),
+        f"FRACTALGEN_CKPT={shlex.quote(ckpt)} FRACTALGEN_THREADS={args.threads} "
+        + command("jupyter", "notebook", notebook),
         "# longer training, sharper shapes (retrains the checkpoint above)",
         command("python", quickstart_py, *given_options(args, drop=("epochs", "fresh")),
                 "--epochs", 2 * args.epochs, "--fresh"),
-        "# your own data: an ImageFolder with train/ and val/ (on GPUs: see the README)",
-        command("python", main_py, "--model", "fractalmar_in64", "--img_size", 64, "--data_path", "DATA",
-                "--output_dir", "OUT", "--batch_size", 64, "--epochs", 800, "--warmup_epochs", 40, "--blr", "5e-5"),
+        "# your own data: an ImageFolder with train/ and val/ (docs/your-own-data.md; 64x64 models need a GPU)",
+        command("python", main_py, "--model", "fractalmar_in64", "--data_path", "DATA", "--output_dir",
+                "output_dir/mydata", "--resume", "output_dir/mydata", "--batch_size", 64, "--epochs", 800,
+                "--warmup_epochs", 40, "--blr", "5e-5"),
     ]
 
 
 # ---------------------------------------------------------------------- main
+class Interrupted(Exception):
+    """Ctrl-C: the quick start stops; `where` says at which point."""
+
+    def __init__(self, where):
+        super().__init__(where)
+        self.where = where
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         return run(args)
     except UserInputError as e:
         raise SystemExit(f"error: {one_line(e)}") from None
+    except KeyboardInterrupt:
+        report_interrupt(args, "stopped")
+    except Interrupted as e:
+        report_interrupt(args, e.where)
+
+
+def report_interrupt(args, where):
+    """After Ctrl-C: what is kept, and the command that continues (exit status 130)."""
+    out = shown(os.path.abspath(args.out))
+    kept = (f"samples.png, generation.gif and conditional.png in {out} are still those of the last complete run"
+            if os.path.isfile(os.path.join(out, "samples.png")) else "no samples were written")
+    print(f"\nquick start interrupted: {where}; {kept}. To continue, run: {rerun_command(args)}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+def run_main(argv):
+    """main_fractalgen.main in this process, exactly as from the command line. Ctrl-C (which
+    main_fractalgen turns into a checkpointed stop, or exit status 130) raises Interrupted."""
+    argv = [str(a) for a in argv]
+    print(command("python", shown(os.path.join(REPO, "main_fractalgen.py")), *argv), flush=True)
+    try:
+        result = main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv))
+    except SystemExit as e:
+        if e.code == 130:
+            raise Interrupted("stopped") from None
+        raise
+    if "stopped" in result:
+        stop = result["stopped"]
+        raise Interrupted(f"training stopped after step {stop['step']} of {stop['steps']} in epoch {stop['epoch']} "
+                          f"({shown(stop['checkpoint'])} holds that point)")
+    return result
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     start = time.time()
     out = os.path.abspath(args.out)
     data, train_dir = os.path.join(out, "data"), os.path.join(out, "train")
@@ -247,8 +311,8 @@ def run(args):
                               IMG_SIZE, args.seed)
     except ValueError as e:
         raise UserInputError(str(e)) from None
-    print(f"{data}/train: {args.num_classes} x {args.num_train_per_class} images, "
-          f"{data}/val: {args.num_classes} x {args.num_val_per_class}")
+    print(f"{shown(data)}/train: {args.num_classes} x {args.num_train_per_class} images, "
+          f"{shown(data)}/val: {args.num_classes} x {args.num_val_per_class}")
 
     banner(f"2/4 training {args.model} for {args.epochs} epochs (main_fractalgen.py)")
     if args.fresh:
@@ -256,9 +320,9 @@ def run(args):
     run_main(train_args(args, data, train_dir))
 
     banner("3/4 val bits/dim (main_fractalgen.py --evaluate_nll)")
-    nll = run_main(["--model", args.model, "--data_path", data, "--output_dir", train_dir, "--resume", train_dir,
-                    "--evaluate_nll", "--nll_bsz", 100, "--num_workers", 0, "--seed", args.seed,
-                    *(["--device", args.device] if args.device else [])])["nll"]
+    nll = run_main(["--model", args.model, "--data_path", shown(data), "--output_dir", shown(train_dir),
+                    "--resume", shown(train_dir), "--evaluate_nll", "--nll_bsz", 100, "--num_workers", 0,
+                    "--threads", args.threads, *device_and_seed(args)])["nll"]
 
     banner("4/4 sampling")
     settings = {**DEFAULT_SAMPLING[args.model], "cfg": args.cfg, "temperature": args.temperature}
@@ -266,8 +330,9 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(train_dir, device=device)
     print(f"sampling settings: {model.describe_sampling()}")
-    samples, gif = write_samples(model, out, args.num_classes, args.samples_per_class, args.seed)
-    conditional = write_conditional(model, data, out, args.num_classes, args.seed)
+    images, frames = make_samples(model, args.num_classes, args.samples_per_class, args.seed)
+    tiles = make_conditional(model, data, args.num_classes, args.seed)
+    samples, gif, conditional = write_outputs(out, images, frames, tiles, args.samples_per_class)
     summary = {"val_bpd": nll["bpd"], "model": args.model, "epochs": args.epochs,
                "seconds": round(time.time() - start, 1), "classes": names, "sampling": model.sampling_config()}
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -275,11 +340,13 @@ def run(args):
 
     lines = [
         f"Done in {summary['seconds']:.0f}s. Val NLL: {nll['bpd']:.3f} bits/dim.",
-        f"  samples          {samples}   (row k = class k: {', '.join(names)})",
-        f"  generation GIF   {gif}",
-        f"  conditional      {conditional}",
-        "                   (per row: original | centre hidden | 3 inpaintings | box hidden | 3 edits as the next class)",
-        f"  checkpoint       {os.path.join(train_dir, CHECKPOINT_NAME)}",
+        f"  samples          {shown(samples)}   (row k = class k: {', '.join(names)})",
+        f"  generation GIF   {shown(gif)}",
+        f"  conditional      {shown(conditional)}",
+        "                   (per row: original | centre hidden | 3 inpaintings | box hidden | 3 edits as the next "
+        "class;",
+        "                   an edit redraws only the box, so parts of the old shape outside it remain)",
+        f"  checkpoint       {shown(os.path.join(train_dir, CHECKPOINT_NAME))}",
         "",
         "Next steps:",
         *("  " + line for line in next_steps(args, out, data, train_dir)),

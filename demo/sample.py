@@ -17,7 +17,6 @@ neutral ones, else the model's DEFAULT_SAMPLING (models.sampling); the second li
 says which. Every flag is checked before the checkpoint is read; a bad one stops with one
 line and nothing written.
 """
-import argparse
 import math
 import sys
 import time
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as `python demo/sample.py`: make the repo i
 from models import load_model  # noqa: E402
 from models.loading import resolve_checkpoint  # noqa: E402
 from models.zoo import DownloadError  # noqa: E402
+from util import cli  # noqa: E402
 from util.masks import TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
@@ -126,8 +126,8 @@ def layout(images, shown_input, per_row):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
-                                            "or inpaint/outpaint/uncrop/edit an image).")
+    p = cli.ArgumentParser(description="Sample from a FractalGen checkpoint (class-conditional, "
+                                       "or inpaint/outpaint/uncrop/edit an image).")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint file, folder with checkpoint-last.pth, an official model name, a Hub folder "
                         "(config.json + model.safetensors) or a Hub id hf-hub:USER/NAME")
@@ -153,6 +153,7 @@ def get_args_parser():
     p.add_argument("--filter_threshold", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    cli.add_threads_flag(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
@@ -197,6 +198,7 @@ def main(argv=None):
 
 def run(args):
     labels, num_iter_list, device = check_flags(args)
+    cli.set_threads(args.threads)
     precision = sampling_precision(device, args.precision)
     picture = open_image(args.input) if args.input else None
     path = resolve_checkpoint(args.ckpt, download=args.download, progress_bar=progress_bar)
@@ -218,12 +220,18 @@ def run(args):
     note = model.sampling_note(**given)
     if note:
         print(note, file=sys.stderr)
+    fast = fast_sampler(args.fast)
+    if fast and args.task != "sample":
+        print(f"--fast does not apply to --task {args.task}: conditional generation takes the exact sampler",
+              file=sys.stderr)
+    elif fast:
+        print(cli.fast_notice(fast, model), file=sys.stderr)
     torch.manual_seed(args.seed)
     start = time.time()
     try:
         with autocast(device, precision):
             images, shown = run_task(model, labels, args.task, image, args.mask_frac, args.uncrop_side,
-                                     progress=steps, fast=fast_sampler(args.fast), **given)
+                                     progress=steps, fast=fast, **given)
     finally:
         steps.close()
     print(f"generated {len(labels)} image(s) in {time.time() - start:.1f}s", file=sys.stderr)

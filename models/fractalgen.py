@@ -6,6 +6,7 @@ produces one condition per patch, and the next level -- another FractalGen, or t
 """
 import functools
 
+import numpy as np
 import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
@@ -364,13 +365,20 @@ def from_uint8(imgs):
 def prepare_known(known, known_mask, batch, size, device):
     """Validate a known image and mask for conditional generation -> (normalised values,
     bool mask), both (B, 3, S, S)."""
+    if not torch.is_tensor(known):  # a PIL image or a NumPy array
+        known = np.array(known)
     known = torch.as_tensor(known, device=device)
+    given = tuple(known.shape)
     if known.dtype != torch.uint8:
         raise ValueError(f"known must be a uint8 image tensor (B, 3, H, W) of pixel values, got {known.dtype}")
     if known.ndim == 3:
         known = known.unsqueeze(0)
-    if known.shape[1:] != (3, size, size) or known.shape[0] not in (1, batch):
-        raise ValueError(f"known must have shape ({batch} or 1, 3, {size}, {size}), got {tuple(known.shape)}")
+    if known.ndim == 4 and known.shape[-1] == 3 and known.shape[1] != 3:  # (B, H, W, 3): PIL's and NumPy's layout
+        known = known.permute(0, 3, 1, 2)
+    if known.ndim != 4 or known.shape[1:] != (3, size, size) or known.shape[0] not in (1, batch):
+        rows = "1" if batch == 1 else f"1 or {batch}"
+        raise ValueError(f"known must be RGB images of shape ({rows}, 3, {size}, {size}) or ({size}, {size}, 3), got "
+                         f"{given}; util.visualize.load_image(path, {size}) reads an image file at this size")
     if known_mask is None:
         raise ValueError("known_mask is required with known: True where a pixel (or channel) is given")
     mask = torch.as_tensor(known_mask, device=device).bool()

@@ -49,6 +49,24 @@ ARCH_ARGS = ("num_conds", "guiding_pixel")
 
 
 # ---------------------------------------------------------------------- safe loading
+# how files that are often passed by mistake begin (torch.save writes a zip, older torch a pickle)
+FILE_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                   (b"\x93NUMPY", "a NumPy array"), (b"{", "a JSON or text file"), (b"#", "a text file"))
+
+
+def not_a_torch_file(path):
+    """What `path` is when it is plainly not a torch.save file ('a PNG image, not a file
+    torch.save wrote'; 'empty'), else None (a zip or a pickle: torch.load decides)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    kind = next((kind + ", " for signature, kind in FILE_SIGNATURES if head.startswith(signature)), "")
+    return f"{kind}not a file torch.save wrote"
+
+
 def safe_load(path, what, allowed=(), mmap=False):
     """torch.load(path, weights_only=True) on the CPU, allowing only tensors, plain
     containers and the classes in `allowed`. A missing, corrupt or unsafe file raises
@@ -57,6 +75,10 @@ def safe_load(path, what, allowed=(), mmap=False):
     copies them into a model at once; files in the pre-1.6 format are read as before)."""
     if not os.path.isfile(path):
         raise UserInputError(f"{what} {path} does not exist")
+    kind = not_a_torch_file(path)
+    if kind:
+        raise UserInputError(f"cannot read {what} {path}: it is {kind}; pass the {what} file itself (.pth) or "
+                             f"the folder that holds it")
     try:
         with torch.serialization.safe_globals(list(allowed)):
             if mmap and zipfile.is_zipfile(path):
@@ -130,6 +152,13 @@ def resolve_checkpoint(path_or_name, download=False, root="pretrained_models", *
     if path in CONFIGS and os.path.isfile(os.path.join(root, path, CHECKPOINT_NAME)):  # a name: root/<name>/
         return os.path.join(root, path, CHECKPOINT_NAME)
     name, target = official_target(path, root)
+    if name is None and os.path.isdir(path):
+        inside = sorted(entry for entry in os.listdir(path)
+                        if os.path.isfile(os.path.join(path, entry, CHECKPOINT_NAME))
+                        or is_hub_source(os.path.join(path, entry)))
+        hint = (f"did you mean {os.path.join(path, inside[0])}?" if inside else
+                f"pass the folder that holds it, a checkpoint file or a Hub folder (config.json)")
+        raise UserInputError(f"{path} is a folder without {CHECKPOINT_NAME}; {hint}")
     if name is None:
         raise UserInputError(f"checkpoint {path!r} not found; pass a checkpoint file, a folder holding "
                              f"{CHECKPOINT_NAME} or config.json, {HUB_PREFIX}USER/NAME, or an official model name "
@@ -244,10 +273,16 @@ def load_model(path_or_name, model=None, device="cpu", download=False, root="pre
     ckpt = load_checkpoint(path, mmap=True)  # the weights are copied into the model: no second copy in memory
     record, name = checkpoint_config(ckpt, path, model)
     use_ema = ema and ckpt.get(EMA_KEY) is not None
+    saved_by = checkpoint_args(ckpt).get("model")
     try:
         net = build(record, name)
         net.load_state_dict(ckpt[EMA_KEY if use_ema else "model"], strict=True)
-    except ValueError as e:  # a CheckpointMismatchError
+    except CheckpointMismatchError as e:
+        if model is not None and isinstance(saved_by, str) and config_name(saved_by) != config_name(model):
+            raise UserInputError(f"{path} was saved by --model {saved_by}, not {config_name(model)}; drop --model "
+                                 f"(model= in Python): the checkpoint names its architecture") from None
+        raise UserInputError(f"{path} does not fit model {name}: {e}") from None
+    except ValueError as e:  # arguments the factory rejects
         raise UserInputError(f"{path} does not fit model {name}: {e}") from None
     net.weights = "ema" if use_ema else "raw"
     net.sampling_defaults, net.sampling_sources = checkpoint_sampling(ckpt, path, record, name, model)

@@ -98,7 +98,7 @@ def test_sample_cli_errors_are_one_sentence(ckpt, picture, tmp_path):
         sample.main(["--ckpt", ckpt, "--task", "inpaint", "--output", out])
     with pytest.raises(SystemExit, match=r"outside \[0, 4\)"):
         sample.main(["--ckpt", ckpt, "--labels", "7", "--output", out])
-    with pytest.raises(SystemExit, match="does not fit model fractalmar_tiny"):
+    with pytest.raises(SystemExit, match="was saved by --model fractalar_tiny, not fractalmar_tiny"):
         sample.main(["--ckpt", ckpt, "--model", "fractalmar_tiny", "--output", out])
     with pytest.raises(SystemExit, match="not found"):
         sample.main(["--ckpt", str(tmp_path / "nope.pth"), "--output", out])

@@ -289,9 +289,8 @@ def test_main_help_shows_defaults_and_threads_applies(tmp_path):
     with pytest.raises(SystemExit):  # no val/ folder: stops before any heavy work, threads already set
         main_fractalgen.main(args)
     assert torch.get_num_threads() == 1
-    args = main_fractalgen.get_args_parser().parse_args(["--model", TINY, "--threads", "0", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--threads"):
-        main_fractalgen.main(args)
+    with pytest.raises(SystemExit):  # refused by the parser, in one line
+        main_fractalgen.get_args_parser().parse_args(["--model", TINY, "--threads", "0", "--device", "cpu"])
 
 
 def test_requirements_install_jupyter_and_timm():

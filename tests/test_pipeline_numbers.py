@@ -78,7 +78,7 @@ first_masks = []
 choose_mask = mar.MAR.choose_mask
 def recording_choose_mask(self, batch, device):
     mask = choose_mask(self, batch, device)
-    if self.training and not first_masks:
+    if self.training and self.fixed_masking is None and not first_masks:  # not the memory estimate's pass
         first_masks.append(mask.int().tolist())
     return mask
 mar.MAR.choose_mask = recording_choose_mask

@@ -96,7 +96,7 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resumes_exactly(run_main, t
     assert result["stopped"] == {"epoch": 1, "step": 2, "steps": 3, "signal": "SIGTERM",
                                  "checkpoint": os.path.join(out, "checkpoint-last.pth")}
     # the signal came during step 0 of epoch 1; step 1's all-reduce carries it: stop after step 1
-    assert "rank 0: stopped by SIGTERM after step 2 of 3 in epoch 1" in text and f"--resume {out}" in text
+    assert "rank 0: stopped by SIGTERM after step 2 of 3 in epoch 1" in text and "To continue, run the same command again" in text
     ckpt = ckpt_util.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0 and ckpt["train_state"]["step"] == 2 and ckpt["optimizer"]["state"][0]["step"] == 5
     monkeypatch.undo()

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from models import CONFIGS, DEFAULT_SAMPLING, MAR, CheckpointMismatchError, create_model, fixed_masking, from_uint8
 from models.config import is_config_file
+from util import cli
 from util.checkpoint import load_checkpoint
 from util.misc import UserInputError, autocast, keep_freed_memory, one_line, synchronize
 from util.ema import EMA
@@ -641,7 +642,7 @@ def add_flag(parser, name, **kwargs):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(p, "configs", nargs="+", default=None,
              help=f"names from {', '.join([*BENCH_CONFIGS, *CONFIGS])}, or JSON configuration files "

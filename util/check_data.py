@@ -13,7 +13,6 @@ it: its class folders, or images without class folders (one class, unconditional
 Training itself meets an unreadable image only when a DataLoader worker reaches it, which
 can be hours into an epoch; this scan costs one full decode per image, spread over the cores.
 """
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -22,6 +21,7 @@ import time
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util import cli
 from util.data import describe_split, load_rgb
 from util.misc import UserInputError, progress
 from util.validation import positive_int
@@ -70,7 +70,7 @@ def scan(files, workers):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="List every image under a folder that cannot be decoded.")
+    parser = cli.ArgumentParser(description="List every image under a folder that cannot be decoded.")
     parser.add_argument("folder", help="dataset folder, searched recursively (e.g. DATA, DATA/train)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="decoding processes (default: one per CPU core)")

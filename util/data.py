@@ -164,6 +164,34 @@ def build_dataset(data_path, split, img_size, train, seed=0):
     return KeyedFlips(dataset, seed) if train else dataset
 
 
+UPSCALE_SAMPLE = 32  # files whose header is read to tell whether a dataset is smaller than the model
+
+
+def upscaling_warning(dataset, img_size, suggest=lambda size: (), sample=UPSCALE_SAMPLE):
+    """A warning (one line) when most images are smaller than `img_size` and would each be
+    upscaled; None otherwise. Reads the headers of up to `sample` files spread over the
+    dataset. `suggest(size)`: names of models for images of that size, for the advice."""
+    folder = getattr(dataset, "images", dataset)  # KeyedFlips wraps the ImageFolder
+    paths = [path for path, _ in folder.samples]
+    sides = []
+    for path in paths[::max(1, len(paths) // sample)][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, SyntaxError):  # unreadable: util.check_data reports those
+            continue
+    small = sorted(side for side in sides if side < img_size)
+    if not sides or 2 * len(small) <= len(sides):
+        return None
+    typical = small[len(small) // 2]
+    names = suggest(typical)
+    advice = (f"a model for images of that size ({', '.join(names)}) fits them" if names else
+              "larger images, or a model for smaller ones, fit better")
+    return (f"warning: most images in {folder.root} are smaller than the model's {img_size}x{img_size} (short side "
+            f"{typical} pixels), so each is upscaled about {img_size / typical:.0f}x and the model learns "
+            f"interpolated pixels; {advice}")
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Indices rank, rank + world, rank + 2*world, ... in order.
 

@@ -8,7 +8,6 @@ Each file lands in `pretrained_models/<name>/checkpoint-last.pth`. The download 
 zoo in `models.zoo`; this is its command line, with progress bars that write whole lines
 when stderr is a log file (util.progress).
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ if __package__ in (None, ""):  # run as `python util/download.py`: make the repo
 
 from models import zoo  # noqa: E402
 from models.zoo import CHECKPOINT_NAME, PRETRAINED_URLS, DownloadError, checkpoint_path, direct_link  # noqa: E402,F401
+from util import cli  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def download_pretrained(name, root="pretrained_models", **kwargs):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Download the official FractalGen checkpoints.")
+    parser = cli.ArgumentParser(description="Download the official FractalGen checkpoints.")
     parser.add_argument("--model", nargs="+", default=["all"], choices=["all", *PRETRAINED_URLS], metavar="MODEL",
                         help=f"checkpoint(s) to fetch: all (default) or any of {', '.join(PRETRAINED_URLS)}")
     parser.add_argument("--output_dir", default="pretrained_models",

@@ -7,15 +7,14 @@ Images are searched recursively (an ImageFolder tree works as it is) and centre-
 --img_size the way training data is (ADM crop), which is what generated images look like.
 Then train or evaluate with `--fid_stats_path fid_stats/mydata_in64_stats.npz`.
 """
-import argparse
 import sys
 
-from util import fid, validation
+from util import cli, fid, validation
 from util.misc import UserInputError, one_line
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Write FID reference statistics for a folder of images.")
+    parser = cli.ArgumentParser(description="Write FID reference statistics for a folder of images.")
     parser.add_argument("--images", required=True, help="folder of real images (searched recursively)")
     parser.add_argument("--out", required=True, help="output .npz with arrays mu and sigma")
     parser.add_argument("--img_size", type=int, default=None,

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from models import DEFAULT_SAMPLING, FractalGen, create_model, fixed_masking, from_uint8, get_config, to_uint8
+from util import cli
 from util.benchmark import PeakMemory, Sections, instrument_levels, level_flops, matmul_rate, random_batch
 from util.benchmark import machine_info as benchmark_machine_info
 from util.misc import UserInputError, autocast, one_line, replacing, synchronize
@@ -726,7 +727,7 @@ def parse_json_dict(flag, text):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the profile")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu: with --small, a dry run)")

@@ -10,13 +10,14 @@ root/train and root/val, without class folders (one class: an unconditional mode
     python -m util.toy_data --root quickstart_out/data
     python -m util.toy_data --root shapes_unlabelled --unlabelled
 """
-import argparse
 import json
 import os
 import shutil
 
 import numpy as np
 from PIL import Image
+
+from util import cli
 
 # (folder name, RGB colour, shape). Folder names start with the class index so that
 # ImageFolder's alphabetical class order is this order.
@@ -132,7 +133,7 @@ def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the toy coloured-shapes ImageFolder dataset.")
+    parser = cli.ArgumentParser(description="Write the toy coloured-shapes ImageFolder dataset.")
     parser.add_argument("--root", default="quickstart_out/data")
     parser.add_argument("--num_classes", type=int, default=4)
     parser.add_argument("--num_train_per_class", type=int, default=400)
