@@ -286,7 +286,6 @@ def test_memory_estimate_is_close_to_the_real_peak(name):
 @pytest.mark.parametrize("parser, argv, suggestion", [
     (main_fractalgen.get_args_parser, ["--epcohs", "3"], "did you mean --epochs?"),
     (main_fractalgen.get_args_parser, ["--batch-size", "3"], "did you mean --batch_size?"),
-    (main_fractalgen.get_args_parser, ["--model", "fractalar_in6"], "did you mean fractalar_in64?"),
     (sample.get_args_parser, ["--ckpt", "x", "--lables", "3"], "did you mean --labels?"),
     (quickstart.get_args_parser, ["--epoch", "3", "--sed", "1"], "did you mean --seed?"),
 ])
@@ -295,6 +294,13 @@ def test_flag_typos_are_one_line_with_did_you_mean(parser, argv, suggestion, cap
         parser().parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and suggestion in err and "usage:" not in err
+
+
+def test_misspelt_model_name_gets_did_you_mean(tmp_path):
+    args = main_fractalgen.get_args_parser().parse_args(["--model", "fractalar_in6", "--data_path", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^error: --model 'fractalar_in6' is neither .*; did you mean "
+                                         r"fractalar_in64\?$"):
+        main_fractalgen.main(args)
 
 
 # ---------------------------------------------------------------------- 7. --ckpt errors

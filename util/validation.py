@@ -8,6 +8,8 @@ util.fid.check_inception_weights).
 Each check raises `UserInputError` (a ValueError) whose message names the flag, the bad
 value and what to give instead; `flag` is how the value is called where it came from
 ("--temperature" on a command line, "temperature" in Python)."""
+import difflib
+
 import torch
 
 from models.checks import (check_sampling_args, finite_nonnegative, finite_positive,  # noqa: F401 (shared checks)
@@ -20,8 +22,10 @@ def check_model(value, flag="--model"):
     """A --model value: a name of models.CONFIGS, or a JSON configuration file, which is read
     and checked here (before anything heavy). Returns its record."""
     if not is_config_file(value) and value not in CONFIGS:
+        close = difflib.get_close_matches(str(value), list(CONFIGS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
         raise UserInputError(f"{flag} {value!r} is neither a model name ({', '.join(CONFIGS)}) nor a JSON "
-                             f"configuration file (FILE.json)")
+                             f"configuration file (FILE.json){hint}")
     try:
         return get_config(value)
     except UserInputError as e:
