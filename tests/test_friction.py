@@ -243,6 +243,7 @@ def test_memory_estimate_scales_and_grad_checkpointing_lowers_it():
     params = sum(p.numel() for p in model.parameters())
     assert one["state"] == eight["state"] == params * 16  # fp32 weights, gradients, AdamW's two moments
     assert eight["activations"] == 8 * one["activations"] > 0
+    assert memory.training_memory(model, 1, cpu, ema=True)["state"] == params * 20  # + the fp32 EMA
     for fractal in model.levels():
         fractal.generator.grad_checkpointing = True
     assert memory.training_memory(model, 8, cpu)["activations"] < eight["activations"]

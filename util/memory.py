@@ -4,7 +4,8 @@
     check_training_memory(model, args, device)                          # one line, or UserInputError
 
 Weights, gradients and AdamW's two moments take 16 bytes per parameter (fp32); autocast
-keeps a low-precision copy of the weights (2 bytes per parameter). Activations are measured,
+keeps a low-precision copy of the weights (2 bytes per parameter), --ema_rate an fp32 moving
+average (4). Activations are measured,
 not guessed: one forward pass at batch 1 in training mode, counting the tensors autograd
 keeps for the backward pass (MAR levels at their mean mask count), scaled by the batch size.
 Backward and the optimizer step need some room on top (`HEADROOM`).
@@ -21,6 +22,7 @@ from .misc import UserInputError, autocast, print0
 
 STATE_BYTES_PER_PARAM = 16   # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
 CAST_BYTES_PER_PARAM = 2     # autocast's fp16 / bf16 copy of the weights
+EMA_BYTES_PER_PARAM = 4      # --ema_rate: an fp32 moving average of the weights
 HEADROOM = 1.25              # backward's transient gradients and the optimizer step's temporaries
 GB = 1024 ** 3
 MB = 1024 ** 2
@@ -101,10 +103,11 @@ def activation_bytes_per_image(model, device, precision="fp32"):
     return total - sum(block_saved.values()) + sum(block_inputs.values()) + max(block_saved.values())
 
 
-def training_memory(model, batch_size, device, precision="fp32"):
+def training_memory(model, batch_size, device, precision="fp32", ema=False):
     """Estimated peak memory of training, in bytes, by part: {'state', 'activations', 'total'}."""
     params = sum(p.numel() for p in model.parameters())
-    state = params * (STATE_BYTES_PER_PARAM + (CAST_BYTES_PER_PARAM if precision != "fp32" else 0))
+    state = params * (STATE_BYTES_PER_PARAM + (CAST_BYTES_PER_PARAM if precision != "fp32" else 0)
+                      + (EMA_BYTES_PER_PARAM if ema else 0))
     activations = batch_size * activation_bytes_per_image(model, device, precision)
     return {"state": state, "activations": activations, "total": int(HEADROOM * (state + activations))}
 
@@ -153,7 +156,8 @@ def check_training_memory(model, args, device, processes=None):
         return None
     if processes is None:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if device.type == "cpu" else 1
-    estimate = training_memory(model, args.batch_size, device, args.precision)
+    estimate = training_memory(model, args.batch_size, device, args.precision,
+                               ema=getattr(args, "ema_rate", None) is not None)
     need = estimate["total"] * processes
     share = f" for {processes} processes" if processes > 1 else ""
     if need <= available:
