@@ -342,8 +342,10 @@ def test_wheel_installs_the_packages_and_the_snippet_runs_from_anywhere(trained,
     with zipfile.ZipFile(wheel) as z:
         assert {"models/__init__.py", "util/__init__.py", "main_fractalgen.py"} <= set(z.namelist())
         z.extractall(site)
-    snippet = (f"import torch\nfrom models import load_model\nmodel = load_model({str(trained)!r})\n"
-               f"torch.manual_seed(0)\nimages = model.generate([0, 1, 2, 3])\nprint(tuple(images.shape))\n")
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        snippet = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)  # the README's, as written
+    assert '"quickstart_out/train"' in snippet and "set_threads(" in snippet
+    snippet = snippet.replace('"quickstart_out/train"', repr(str(trained))) + "print(tuple(images.shape))\n"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
