@@ -194,6 +194,9 @@ def main(argv=None):
         run(args)
     except (UserInputError, DownloadError) as e:
         raise SystemExit(f"error: {one_line(e)}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever sampling was
+        print(f"\ninterrupted (Ctrl-C); {args.output} is written only when sampling completes", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def run(args):

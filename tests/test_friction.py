@@ -90,6 +90,23 @@ def test_sample_sets_the_threads(trained, tmp_path, monkeypatch, capsys):
     assert "argument --threads: must be a positive number of threads or auto" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_sample_is_one_line_and_writes_nothing(trained, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "save_grid", interrupt)  # Ctrl-C after sampling, before the grid is written
+    threads = torch.get_num_threads()
+    try:  # a KeyboardInterrupt that got through would stop pytest itself: catch it to fail this test
+        sample.main(["--ckpt", str(trained), "--labels", "0", "--threads", "1", "--output", str(tmp_path / "s.png")])
+        raised = None
+    except BaseException as e:
+        raised = e
+    err = capsys.readouterr().err.strip()
+    assert isinstance(raised, SystemExit) and raised.code == 130 and err.splitlines()[-1].startswith("interrupted (Ctrl-C)") and "Traceback" not in err
+    assert not (tmp_path / "s.png").exists()
+    torch.set_num_threads(threads)  # --threads 1 set them
+
+
 def test_quickstart_hints_carry_threads_and_a_new_seed(tmp_path):
     args = quickstart.get_args_parser().parse_args(["--out", str(tmp_path / "q"), "--threads", "2", "--seed", "5"])
     lines = quickstart.next_steps(args, str(tmp_path / "q"), str(tmp_path / "q" / "data"), str(tmp_path / "q" / "train"))
