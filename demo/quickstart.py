@@ -99,13 +99,6 @@ def train_args(args, data, train_dir):
             "--num_workers", 0, "--threads", args.threads, *device_and_seed(args)]
 
 
-def run_main(argv):
-    """main_fractalgen.main in this process, exactly as from the command line."""
-    argv = [str(a) for a in argv]
-    print(command("python", shown(os.path.join(REPO, "main_fractalgen.py")), *argv), flush=True)
-    return main_fractalgen.main(main_fractalgen.get_args_parser().parse_args(argv))
-
-
 def val_examples(data, num_classes):
     """The first val image of each class -> uint8 (K, 3, 16, 16)."""
     images = []
