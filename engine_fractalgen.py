@@ -7,12 +7,12 @@ import shutil
 import time
 
 import torch
-from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
 from models.checks import SAMPLING_KEYS
 from util import fid, preempt, validation
+from util.visualize import to_pil
 
 PRINT_FREQ = 20
 TRAIN_STREAM = 3  # last seed key of training steps (generation uses 1, NLL 2)
@@ -190,11 +190,12 @@ def generation_folder(args, online):
 
 
 def save_png(image, path):
-    """uint8 (3, H, W) tensor -> PNG (lossless, so FID sees exactly the generated pixels).
-    A failed write (disk full, no permission) names the file and removes what was written."""
+    """uint8 (C, H, W) tensor -> PNG of mode L, LA, RGB or RGBA (lossless, so FID sees
+    exactly the generated pixels). A failed write (disk full, no permission) names the
+    file and removes what was written."""
     try:
         with misc.writing(path):
-            Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+            to_pil(image).save(path)
     except misc.OutputWriteError:
         if os.path.exists(path):
             os.remove(path)
@@ -232,6 +233,10 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=Non
     model.eval()
     args = generation_args(model, args)
     folder = generation_folder(args, online)
+    if model.in_channels != 3:
+        misc.print0(f"FID / Inception Score of {model.in_channels}-channel images: Inception sees them "
+                    f"{fid.rgb_view(model.in_channels)} (util.fid.inception_rgb), as util.fid_stats does to "
+                    f"reference images")
     prepare_folder(folder)
     if scorer is None:
         scorer = fid.Scorer(device, args.fid_stats_path, args.inception_weights, args.prc_ref_dir,
@@ -285,7 +290,7 @@ def generate_images(model, args, epoch, folder, features):
             first_seconds, first_images = seconds, len(ids)
         else:
             timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(ids)
-        features.add(images, ids)  # (B, 3, H, W) uint8, the very pixels the PNGs hold
+        features.add(images, ids)  # (B, C, H, W) uint8, the very pixels the PNGs hold
         for image, image_id in zip(images.cpu(), ids):
             save_png(image, os.path.join(folder, f"{image_id:0{digits}d}.png"))
 

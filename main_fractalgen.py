@@ -266,14 +266,17 @@ def check_before_training(model, dataset, args, device):
 
 def check_img_size(args, record=None):
     """--img_size must be the model's; without it, take the model's. The model is probed on
-    the meta device (no memory, no time)."""
+    the meta device (no memory, no time) and returned (its channels and normalisation
+    shape the data)."""
     with torch.device("meta"):
-        native = build_model(args, record).img_size
+        probe = build_model(args, record)
+    native = probe.img_size
     if args.img_size is None:
         args.img_size = native
     elif args.img_size != native:
         raise UserInputError(f"--img_size {args.img_size} does not match --model {args.model}, which models "
                              f"{native}x{native} images; pass --img_size {native} or pick a model of that size")
+    return probe
 
 
 def find_resume_checkpoint(args, training):
@@ -324,6 +327,7 @@ def check_generation(args, model):
     """Generation and FID settings, validated before the model is built, any image is
     generated or anything is written. `model` may live on the meta device. The FID inputs
     are loaded, not just looked for: a bad file must not surface after 50k images."""
+    fid.rgb_view(model.in_channels)  # PNGs and FID exist for 1 to 4 channels
     validation.check_num_images(args.num_images, args.class_num)
     levels = model.num_fractal_levels - 1
     if args.num_iter_list is not None and len(args.num_iter_list) != levels:
@@ -691,7 +695,7 @@ def run(args, device, held):
     args.precision = misc.resolve_precision(args.precision, device)
     record = validation.check_model(args.model) if args.model is not None else None
     if record is not None:
-        check_img_size(args, record)
+        probe = check_img_size(args, record)
 
     # inputs: data folders, checkpoint, model -- all checked before anything is written
     if training:
@@ -702,10 +706,12 @@ def run(args, device, held):
     ckpt, path = ckpt_util.load_latest_checkpoint(path, use_previous=training) if path else (None, None)
     if record is None:
         record = resolve_config(args, ckpt, path)
-        check_img_size(args, record)
-    dataset_train = (data_util.build_dataset(args.data_path, "train", args.img_size, True, seed=args.seed)
+        probe = check_img_size(args, record)
+    pixels = dict(channels=probe.in_channels, mean=probe.pixel_mean, std=probe.pixel_std)  # how the model reads data
+    dataset_train = (data_util.build_dataset(args.data_path, "train", args.img_size, True, seed=args.seed, **pixels)
                      if training else None)
-    dataset_val = data_util.build_dataset(args.data_path, "val", args.img_size, False) if args.evaluate_nll else None
+    dataset_val = (data_util.build_dataset(args.data_path, "val", args.img_size, False, **pixels)
+                   if args.evaluate_nll else None)
     for dataset in (dataset_train, dataset_val):
         if getattr(dataset, "unlabelled", False):
             print0(data_util.describe_split(dataset.root))

@@ -31,6 +31,7 @@ from models import load_model  # noqa: E402
 from models.loading import resolve_checkpoint  # noqa: E402
 from models.zoo import DownloadError  # noqa: E402
 from util import cli  # noqa: E402
+from util.data import image_mode  # noqa: E402
 from util.masks import TASKS, make_mask  # noqa: E402
 from util.misc import UserInputError, autocast, one_line  # noqa: E402
 from util.progress import progress_bar  # noqa: E402
@@ -86,6 +87,7 @@ def check_flags(args):
 
 
 def check_against_model(model, labels, num_iter_list):
+    image_mode(model.in_channels, "this model")  # the output is a PNG: 1 to 4 channels
     bad = sorted({label for label in labels if not 0 <= label < model.class_num})
     if bad:
         raise UserInputError(f"labels {bad} are outside [0, {model.class_num}) for this model; pass class ids "
@@ -100,8 +102,8 @@ def check_against_model(model, labels, num_iter_list):
 # ---------------------------------------------------------------------- sampling
 def run_task(model, labels, task="sample", image=None, frac=0.5, side="right", progress=None, **settings):
     """Sample `labels` (list of ints) unconditionally on pixels (task 'sample') or complete
-    `image` (uint8 (1, 3, H, W)) under the mask of `task`.
-    Returns (images uint8 (B, 3, H, W), shown input uint8 (1, 3, H, W) or None)."""
+    `image` (uint8 (1, C, H, W), C = model.in_channels) under the mask of `task`.
+    Returns (images uint8 (B, C, H, W), shown input uint8 (1, C, H, W) or None)."""
     if task == "sample":
         return model.generate(labels, progress=progress, **settings).cpu(), None
     if task not in TASKS:
@@ -210,7 +212,7 @@ def run(args):
     if args.compile:
         model.compile_blocks()
     labels = [label for label in labels for _ in range(args.num_per_label)]
-    image = load_image(picture, model.img_size) if picture is not None else None
+    image = load_image(picture, model.img_size, model.in_channels) if picture is not None else None
     shown = None if image is None else show_known(image, make_mask(args.task, model.img_size, args.mask_frac,
                                                                    args.uncrop_side))
     scale = args.scale or auto_scale(model.img_size, target=128)

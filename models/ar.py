@@ -129,14 +129,15 @@ class AR(nn.Module):
     """
 
     def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
-                 grad_checkpointing=False, **unused_mar_options):
+                 grad_checkpointing=False, in_channels=3, **unused_mar_options):
         super().__init__()
         self.seq_len = seq_len
         self.patch_size = patch_size
+        self.in_channels = in_channels
         self.grid_size = int(round(seq_len ** 0.5))
         self.grad_checkpointing = grad_checkpointing
 
-        self.patch_emb = nn.Linear(3 * patch_size ** 2, embed_dim)
+        self.patch_emb = nn.Linear(in_channels * patch_size ** 2, embed_dim)
         self.patch_emb_ln = nn.LayerNorm(embed_dim, eps=1e-6)
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + 1, embed_dim))
         self.cond_emb = nn.Linear(cond_embed_dim, embed_dim)
@@ -154,15 +155,15 @@ class AR(nn.Module):
         return self.patch_emb_ln(x)
 
     def forward(self, imgs, cond_list):
-        """imgs: (B, 3, H, W); cond_list[0]: (B, C).
-        Returns patches (B*L, 3, p, p), [conditions (B*L, D)] and a zero guiding loss."""
-        patches = patchify(imgs, self.patch_size)  # (B, L, 3p^2)
+        """imgs: (B, C, H, W); cond_list[0]: (B, D_cond).
+        Returns patches (B*L, C, p, p), [conditions (B*L, D)] and a zero guiding loss."""
+        patches = patchify(imgs, self.patch_size)  # (B, L, Cp^2)
         B, L, _ = patches.shape
         x = torch.cat([self.cond_emb(cond_list[0]).unsqueeze(1), self.patch_emb(patches)], dim=1)
         x = self.embed(x, 0)  # (B, L+1, D)
         x = run_blocks(self.blocks, x, self.grad_checkpointing, rope=(self.rope_cos, self.rope_sin))
         x = self.norm(x)[:, :L]  # output i conditions patch i
-        next_patches = patches.reshape(B * L, 3, self.patch_size, self.patch_size)
+        next_patches = patches.reshape(B * L, self.in_channels, self.patch_size, self.patch_size)
         return next_patches, [x.reshape(B * L, -1)], x.new_zeros(())
 
     @torch.no_grad()
@@ -173,13 +174,13 @@ class AR(nn.Module):
         cond_list[0]: (B, C), or (2B, C) when cfg != 1 (rows 0..B-1 conditional,
         B..2B-1 unconditional); both halves see the same generated patches. Each step
         feeds one token through the blocks thanks to a key/value cache.
-        known / known_mask: optional (B, 3, H, W) values and bools; fully known patches
+        known / known_mask: optional (B, C, H, W) values and bools; fully known patches
         are taken as they are, partly known ones recurse with their known part.
         fast: False (the official random stream), True (static-shape decode steps under
         torch.compile), "frozen" (the same with the weights frozen into the graphs, CPU)
         or "eager" (the same steps uncompiled); conditional generation (known) always
         takes the official path.
-        Returns (B, 3, H, W) normalised images.
+        Returns (B, C, H, W) normalised images.
         """
         if fast and known is None:
             return self.sample_static(cond_list[0], cfg, cfg_schedule, temperature, filter_threshold,
@@ -189,7 +190,7 @@ class AR(nn.Module):
         B = cond.shape[0] // 2 if guided else cond.shape[0]
         p, L = self.patch_size, self.seq_len
         # float32 whatever the autocast dtype: the values must survive the round trip to 0..255
-        patches = torch.zeros(B, L, 3 * p * p, device=cond.device)
+        patches = torch.zeros(B, L, self.in_channels * p * p, device=cond.device)
         known_patches, known_patch_mask = split_known(known, known_mask, p)
         caches = [KVCache(max_len=L + 1) for _ in self.blocks]
         x = self.cond_emb(cond).unsqueeze(1)  # (rows, 1, D): position 0 is the condition
@@ -221,7 +222,7 @@ class AR(nn.Module):
         return self.norm(x)
 
     def decode_patch(self, patch, pos, buffers, guided):
-        """One decode step: the patch (B, 3p^2) generated at position pos - 1 goes in, the
+        """One decode step: the patch (B, Cp^2) generated at position pos - 1 goes in, the
         condition (rows, D) of the patch at position pos comes out."""
         token = self.patch_emb(patch).unsqueeze(1)  # (B, 1, D)
         if guided:  # both halves see the same patches
@@ -230,7 +231,7 @@ class AR(nn.Module):
 
     def draw_and_decode(self, head, h, pos, buffers, temperature, cfg, filter_threshold, guided):
         """The pixel `head` draws the pixels of the conditions h (rows, D), which go straight
-        into the decode step at position pos: -> pixels (B, 3) and the conditions of the next
+        into the decode step at position pos: -> pixels (B, C) and the conditions of the next
         pixels (rows, D). One graph per pixel instead of two (the per-call overhead of a
         compiled step is as large as the step itself at batch 1)."""
         pixels = head.draw_pixels(h, temperature, cfg, filter_threshold, guided)
@@ -242,11 +243,11 @@ class AR(nn.Module):
         condition token is one step, every patch another, each a candidate for one
         compiled graph. Right above the pixel head (`next_level.pixel_head`, patches of
         one pixel) each draw is fused with the next decode step. cond: (rows, C).
-        Returns (B, 3, H, W)."""
+        Returns (B, C, H, W)."""
         guided = cfg != 1.0
         B = cond.shape[0] // 2 if guided else cond.shape[0]
         p, L = self.patch_size, self.seq_len
-        patches = torch.zeros(B, L, 3 * p * p, device=cond.device)
+        patches = torch.zeros(B, L, self.in_channels * p * p, device=cond.device)
         positions = torch.arange(L + 1, device=cond.device)
         x = self.cond_emb(cond).unsqueeze(1)  # (rows, 1, D)
         attention = self.blocks[0].attention
@@ -279,7 +280,7 @@ class AR(nn.Module):
 
 
 def split_known(known, known_mask, patch_size):
-    """Patchify optional known values/mask: -> (B, L, 3p^2) each, or (None, None)."""
+    """Patchify optional known values/mask: -> (B, L, Cp^2) each, or (None, None)."""
     if known is None:
         return None, None
     mask = known_mask.expand_as(known).to(known.dtype)
@@ -288,18 +289,18 @@ def split_known(known, known_mask, patch_size):
 
 def sample_patches(next_level, cond_list, cfg, temperature, filter_threshold, patch_size,
                    known_patches, known_patch_mask, index, guided):
-    """Sample the patches at `index` of the (B, L, 3p^2) patch grid with the next level.
+    """Sample the patches at `index` of the (B, L, Cp^2) patch grid with the next level.
 
     cond_list holds the rows for exactly those patches (conditional rows first, then the
     unconditional twins when `guided`). Fully known patches are copied instead of sampled;
-    partly known ones pass their known pixels down. Returns (N, 3p^2).
+    partly known ones pass their known pixels down. Returns (N, Cp^2).
     """
     p = patch_size
     if known_patches is None:
         out = next_level(cond_list=cond_list, cfg=cfg, temperature=temperature,
                          filter_threshold=filter_threshold)
         return out.reshape(out.shape[0], -1)
-    values = known_patches[index]  # (N, 3p^2)
+    values = known_patches[index]  # (N, Cp^2)
     mask = known_patch_mask[index]
     todo = ~mask.all(dim=-1)  # patches with something left to generate
     out = values.clone()
@@ -307,7 +308,7 @@ def sample_patches(next_level, cond_list, cfg, temperature, filter_threshold, pa
         rows = torch.cat([todo, todo]) if guided else todo
         sub = next_level(cond_list=[c[rows] for c in cond_list], cfg=cfg, temperature=temperature,
                          filter_threshold=filter_threshold,
-                         known=values[todo].reshape(-1, 3, p, p),
-                         known_mask=mask[todo].reshape(-1, 3, p, p))
+                         known=values[todo].reshape(-1, values.shape[-1] // (p * p), p, p),
+                         known_mask=mask[todo].reshape(-1, values.shape[-1] // (p * p), p, p))
         out[todo] = sub.reshape(sub.shape[0], -1).to(out.dtype)
     return out

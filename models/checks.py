@@ -146,10 +146,10 @@ def flag_value(field, value):
     return value
 
 
-def level_list(field, values, check):
-    """A per-level list (list or tuple) whose entries pass check(f'{field}[i]', entry)."""
+def level_list(field, values, check, example="one entry per level, e.g. [64, 4, 1]"):
+    """A list (or tuple) whose entries pass check(f'{field}[i]', entry)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-        raise UserInputError(f"{field} must be a list with one entry per level, e.g. [64, 4, 1], got {values!r}")
+        raise UserInputError(f"{field} must be a list with {example}, got {values!r}")
     return [check(f"{field}[{i}]", v) for i, v in enumerate(values)]
 
 
@@ -209,3 +209,20 @@ def check_architecture(config, where=""):
         raise UserInputError(f"{where}r_weight must be a number, got {c['r_weight']!r}")
     finite_positive(f"{where}r_weight", c["r_weight"])
     flag_value(f"{where}grad_checkpointing", c["grad_checkpointing"])
+    channels = whole(f"{where}in_channels", c["in_channels"])
+    for name in ("pixel_mean", "pixel_std"):
+        if c[name] is None:
+            continue
+        values = level_list(f"{where}{name}", c[name], real, "one number per channel, e.g. [0.5]")
+        if len(values) != channels:
+            raise UserInputError(f"{where}{name} has {len(values)} entries but in_channels is {channels}; give one "
+                                 f"per channel (or leave it out for the default)")
+        if name == "pixel_std" and min(values) <= 0:
+            raise UserInputError(f"{where}pixel_std must be above 0 for every channel, got {values}")
+
+
+def real(field, value):
+    """A finite number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UserInputError(f"{field} must be a finite number, got {value!r}")
+    return float(value)

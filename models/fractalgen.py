@@ -15,7 +15,7 @@ from . import hub
 from . import sampling as provenance
 from .ar import AR, ARBlock
 from .checks import NUM_LEVEL0_CONDS, SAMPLING_KEYS, check_architecture
-from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps
+from .layers import PIXEL_MEAN, PIXEL_STD, Block, check_fast, forget_stale_steps, pixel_norm
 from .mar import MAR
 from .pixelloss import PixelLoss
 
@@ -33,7 +33,11 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
     def __init__(self, img_size_list, embed_dim_list, num_blocks_list, num_heads_list,
                  generator_type_list, label_drop_prob=0.1, class_num=1000, attn_dropout=0.1,
                  proj_dropout=0.1, guiding_pixel=False, num_conds=1, r_weight=1.0,
-                 grad_checkpointing=False, fractal_level=0):
+                 grad_checkpointing=False, fractal_level=0, in_channels=3, pixel_mean=None, pixel_std=None):
+        """Keywords as in SPEC.md, plus (additions) in_channels: the channels of a pixel (3:
+        RGB, the official architecture; 1: grey; 4: RGBA; any count >= 1), and pixel_mean /
+        pixel_std: the normalisation of each channel (None: layers.pixel_norm, ImageNet's for
+        colour, 0.5 / 0.5 for the rest)."""
         super().__init__()
         if fractal_level == 0:
             # the configuration record: every keyword but fractal_level, as plain JSON types
@@ -42,10 +46,16 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
                             generator_type_list=generator_type_list, label_drop_prob=label_drop_prob,
                             class_num=class_num, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
                             guiding_pixel=guiding_pixel, num_conds=num_conds, r_weight=r_weight,
-                            grad_checkpointing=grad_checkpointing)
+                            grad_checkpointing=grad_checkpointing, in_channels=in_channels,
+                            pixel_mean=pixel_mean, pixel_std=pixel_std)
             check_architecture(keywords)
+            default_mean, default_std = pixel_norm(in_channels)
+            pixel_mean = keywords["pixel_mean"] = tuple(pixel_mean or default_mean)
+            pixel_std = keywords["pixel_std"] = tuple(pixel_std or default_std)
             self._keywords = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in keywords.items()}
         self.fractal_level = fractal_level
+        self.in_channels = in_channels
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         # set by models.create_model / models.load_model: the configuration's name, the
         # default sampling settings its record holds, the sampling settings generate()
         # uses for arguments it is not given (None: the official API's), where each of
@@ -84,17 +94,22 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
             guiding_pixel=guiding_pixel and L > 0,
             num_conds=num_conds,
             grad_checkpointing=grad_checkpointing,
+            in_channels=in_channels,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
         if L < self.num_fractal_levels - 2:
             self.next_fractal = FractalGen(
                 img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
                 label_drop_prob=label_drop_prob, class_num=class_num, attn_dropout=attn_dropout,
                 proj_dropout=proj_dropout, guiding_pixel=guiding_pixel, num_conds=num_conds,
-                r_weight=r_weight, grad_checkpointing=grad_checkpointing, fractal_level=L + 1)
+                r_weight=r_weight, grad_checkpointing=grad_checkpointing, fractal_level=L + 1,
+                in_channels=in_channels, pixel_mean=pixel_mean, pixel_std=pixel_std)
         else:
             self.next_fractal = PixelLoss(
                 c_channels=embed_dim_list[L], width=embed_dim_list[L + 1],
-                depth=num_blocks_list[L + 1], num_heads=num_heads_list[L + 1], r_weight=r_weight)
+                depth=num_blocks_list[L + 1], num_heads=num_heads_list[L + 1], r_weight=r_weight,
+                in_channels=in_channels, pixel_mean=pixel_mean, pixel_std=pixel_std)
         if isinstance(self.generator, MAR):
             # a MAR level below reads num_conds conditions, an AR level or the pixel head one:
             # the generator then computes only those (and the outputs they come from)
@@ -133,10 +148,20 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         return tuple(min(level.generator.seq_len, MAX_DEFAULT_ITERS) for level in self.levels())
 
     def check_images(self, imgs):
-        if imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}) for this "
+        C = self.in_channels
+        if imgs.ndim != 4 or imgs.shape[1] != C or imgs.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of shape (B, {C}, {self.img_size}, {self.img_size}) for this "
                              f"model, got {tuple(imgs.shape)}; resize the data or pick the model "
-                             f"built for that size")
+                             f"built for that size" + ("" if imgs.ndim != 4 or imgs.shape[1] == C else
+                                                       f" (and {C} channel(s): in_channels)"))
+
+    def to_uint8(self, imgs):
+        """Normalised (B, C, H, W) -> uint8 pixel values, with this model's normalisation."""
+        return to_uint8(imgs, self.pixel_mean, self.pixel_std)
+
+    def from_uint8(self, imgs):
+        """uint8 (B, C, H, W) -> this model's normalised float32."""
+        return from_uint8(imgs, self.pixel_mean, self.pixel_std)
 
     def check_labels(self, labels):
         if labels.dtype.is_floating_point or labels.ndim != 1:
@@ -157,7 +182,7 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
 
     # ------------------------------------------------------------------ training / NLL
     def forward(self, imgs, labels):
-        """imgs: (B, 3, H, W) ImageNet-normalised; labels: (B,) class ids at level 0 (a
+        """imgs: (B, C, H, W) normalised (RGB: ImageNet); labels: (B,) class ids at level 0 (a
         condition list at deeper levels). Returns the scalar loss in nats per sub-pixel;
         in eval mode the unconditional NLL (plus guiding-pixel terms where present)."""
         if self.fractal_level == 0:
@@ -179,11 +204,11 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         embedding); with cfg != 1 every condition holds 2B rows, 0..B-1 conditional and
         B..2B-1 unconditional (`fake_latent` at level 0). num_iter_list: one iteration
         count per generator level. Deeper levels always use the constant schedule with the
-        cfg their parent hands them. visualize: False, or a callable(images (B, 3, H, W)
+        cfg their parent hands them. visualize: False, or a callable(images (B, C, H, W)
         normalised, step, total) called after every step of this level.
-        known / known_mask (additions): (B, 3, H, W) pixels to keep and where.
+        known / known_mask (additions): (B, C, H, W) pixels to keep and where.
         fast (addition): see `generate`.
-        Returns (B, 3, H, W) ImageNet-normalised images on the k/255 grid.
+        Returns (B, C, H, W) normalised images on the k/255 grid.
         """
         if len(num_iter_list) != self.num_fractal_levels - 1:
             raise ValueError(f"num_iter_list needs one entry per generator level "
@@ -257,10 +282,10 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         Sampling settings left at None come from `sampling_config` (for a model from
         models.load_model: those stored with its checkpoint, else the model's defaults).
 
-        labels: (B,) ints (tensor or list). known: optional uint8 (B, 3, H, W) image and
+        labels: (B,) ints (tensor or list). known: optional uint8 (B, C, H, W) image and
         known_mask: bool broadcastable to it (True = keep that pixel/channel exactly); the
         rest is generated conditioned on it (inpainting, outpainting, uncropping, editing).
-        progress: optional callable(images uint8 (B, 3, H, W), step, total) after each
+        progress: optional callable(images uint8 (B, C, H, W), step, total) after each
         top-level step.
         fast: False (default) draws the official random stream, so a seed gives the
         official images bit for bit. True runs static-shape decode steps (preallocated
@@ -272,7 +297,7 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         compiled, but compiled anew in every process (see layers.step_function); meant for
         long jobs such as --evaluate_gen. "eager" runs the steps uncompiled (tests).
         Conditional generation (known) always takes the official path.
-        Returns uint8 (B, 3, H, W) on the model's device.
+        Returns uint8 (B, C, H, W) on the model's device (C = in_channels).
         """
         check_fast(fast)
         device = self.fake_latent.device
@@ -287,7 +312,7 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
         B, S = labels.shape[0], self.img_size
         known_norm = mask = None
         if known is not None:
-            known_norm, mask = prepare_known(known, known_mask, B, S, device)
+            known_norm, mask = prepare_known(known, known_mask, B, S, device, self)
 
         was_training = self.training
         self.eval()
@@ -297,13 +322,13 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
                 emb = torch.cat([emb, self.fake_latent.expand(B, -1)])
             visualize = False
             if progress is not None:
-                visualize = lambda imgs, step, total: progress(to_uint8(imgs), step, total)
+                visualize = lambda imgs, step, total: progress(self.to_uint8(imgs), step, total)
             imgs = self.sample([emb] * NUM_LEVEL0_CONDS, num_iter_list, cfg, cfg_schedule, temperature,
                                filter_threshold, fractal_level=0, visualize=visualize,
                                known=known_norm, known_mask=mask, fast=fast)
         finally:
             self.train(was_training)
-        return to_uint8(imgs)
+        return self.to_uint8(imgs)
 
     # ------------------------------------------------------------------ Hub folders
     def save_pretrained(self, save_directory, *, config=None, model_card_kwargs=None, **kwargs):
@@ -348,46 +373,50 @@ class FractalGen(nn.Module, PyTorchModelHubMixin, **hub.CARD_INFO):
 
 
 # ---------------------------------------------------------------------- functions
-def to_uint8(imgs):
-    """ImageNet-normalised (B, 3, H, W) -> uint8 pixel values."""
-    mean = torch.tensor(PIXEL_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=imgs.device).view(1, 3, 1, 1)
+def to_uint8(imgs, mean=PIXEL_MEAN, std=PIXEL_STD):
+    """Normalised (B, C, H, W) -> uint8 pixel values; mean / std: one per channel
+    (default ImageNet's, RGB; a model's own: FractalGen.to_uint8)."""
+    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
     return ((imgs.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def from_uint8(imgs):
-    """uint8 (B, 3, H, W) -> ImageNet-normalised float32."""
-    mean = torch.tensor(PIXEL_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=imgs.device).view(1, 3, 1, 1)
+def from_uint8(imgs, mean=PIXEL_MEAN, std=PIXEL_STD):
+    """uint8 (B, C, H, W) -> normalised float32 (default ImageNet's statistics, RGB)."""
+    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
     return (imgs.float() / 255 - mean) / std
 
 
-def prepare_known(known, known_mask, batch, size, device):
+def prepare_known(known, known_mask, batch, size, device, model):
     """Validate a known image and mask for conditional generation -> (normalised values,
-    bool mask), both (B, 3, S, S)."""
+    bool mask), both (B, C, S, S) with C = model.in_channels."""
+    C = model.in_channels
     if not torch.is_tensor(known):  # a PIL image or a NumPy array
         known = np.array(known)
     known = torch.as_tensor(known, device=device)
     given = tuple(known.shape)
     if known.dtype != torch.uint8:
-        raise ValueError(f"known must be a uint8 image tensor (B, 3, H, W) of pixel values, got {known.dtype}")
+        raise ValueError(f"known must be a uint8 image tensor (B, {C}, H, W) of pixel values, got {known.dtype}")
+    if known.ndim == 2 and C == 1:  # (H, W): a greyscale PIL image or array
+        known = known.unsqueeze(0)
     if known.ndim == 3:
         known = known.unsqueeze(0)
-    if known.ndim == 4 and known.shape[-1] == 3 and known.shape[1] != 3:  # (B, H, W, 3): PIL's and NumPy's layout
+    if known.ndim == 4 and known.shape[-1] == C and known.shape[1] != C:  # (B, H, W, C): PIL's and NumPy's layout
         known = known.permute(0, 3, 1, 2)
-    if known.ndim != 4 or known.shape[1:] != (3, size, size) or known.shape[0] not in (1, batch):
+    if known.ndim != 4 or known.shape[1:] != (C, size, size) or known.shape[0] not in (1, batch):
         rows = "1" if batch == 1 else f"1 or {batch}"
-        raise ValueError(f"known must be RGB images of shape ({rows}, 3, {size}, {size}) or ({size}, {size}, 3), got "
-                         f"{given}; util.visualize.load_image(path, {size}) reads an image file at this size")
+        raise ValueError(f"known must be images of shape ({rows}, {C}, {size}, {size}) or ({size}, {size}, {C}), got "
+                         f"{given}; util.visualize.load_image(path, {size}, {C}) reads an image file at this size")
     if known_mask is None:
         raise ValueError("known_mask is required with known: True where a pixel (or channel) is given")
     mask = torch.as_tensor(known_mask, device=device).bool()
     try:
-        mask = torch.broadcast_to(mask, (batch, 3, size, size))
+        mask = torch.broadcast_to(mask, (batch, C, size, size))
     except RuntimeError:
         raise ValueError(f"known_mask of shape {tuple(mask.shape)} does not broadcast to "
-                         f"({batch}, 3, {size}, {size})") from None
-    return from_uint8(known.expand(batch, -1, -1, -1)), mask.contiguous()
+                         f"({batch}, {C}, {size}, {size})") from None
+    return model.from_uint8(known.expand(batch, -1, -1, -1)), mask.contiguous()
 
 
 def check_state_dict(model, state_dict):

@@ -18,13 +18,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# ImageNet statistics: every pixel tensor in this project is normalised with them.
+# ImageNet statistics: RGB pixel tensors are normalised with them (SPEC; the official
+# checkpoints depend on them).
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+# Every other channel (grey, alpha, channels beyond four) is normalised with this mean and
+# std, which maps the values 0..255 to [-1, 1]. A model's record stores the constants it was
+# built with (pixel_mean, pixel_std), so changing these would not change a trained model.
+OTHER_MEAN, OTHER_STD = 0.5, 0.5
+RGB_CHANNELS = (3, 4)  # RGB and RGBA: the first three channels are colour
+
+
+def pixel_norm(in_channels):
+    """The default (mean, std) per channel for `in_channels` channels: ImageNet's for the
+    colour channels of RGB and RGBA, OTHER_MEAN / OTHER_STD for grey, alpha and the rest."""
+    colour = 3 if in_channels in RGB_CHANNELS else 0
+    rest = in_channels - colour
+    return PIXEL_MEAN[:colour] + (OTHER_MEAN,) * rest, PIXEL_STD[:colour] + (OTHER_STD,) * rest
 
 
 def patchify(imgs, patch_size):
-    """(B, 3, H, W) -> (B, (H/p)*(W/p), 3*p*p); patches in raster order, each token laid
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p); patches in raster order, each token laid
     out as (channel, row, column)."""
     B, C, H, W = imgs.shape
     p = patch_size
@@ -35,12 +49,13 @@ def patchify(imgs, patch_size):
 
 
 def unpatchify(tokens, patch_size, grid_size):
-    """(B, h*w, 3*p*p) -> (B, 3, h*p, w*p); the inverse of `patchify` for a square grid."""
+    """(B, h*w, C*p*p) -> (B, C, h*p, w*p); the inverse of `patchify` for a square grid."""
     B = tokens.shape[0]
     p, h = patch_size, grid_size
-    x = tokens.reshape(B, h, h, 3, p, p)
-    x = torch.einsum("bhwcpq->bchpwq", x)  # (B, 3, h, p, w, p)
-    return x.reshape(B, 3, h * p, h * p)
+    C = tokens.shape[-1] // (p * p)
+    x = tokens.reshape(B, h, h, C, p, p)
+    x = torch.einsum("bhwcpq->bchpwq", x)  # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * p, h * p)
 
 
 def init_weights(module):

@@ -27,10 +27,11 @@ class MAR(nn.Module):
 
     def __init__(self, seq_len, patch_size, cond_embed_dim, embed_dim, num_blocks, num_heads,
                  attn_dropout=0.1, proj_dropout=0.1, guiding_pixel=False, num_conds=1,
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, in_channels=3, pixel_mean=None, pixel_std=None):
         super().__init__()
         self.seq_len = seq_len
         self.patch_size = patch_size
+        self.in_channels = in_channels
         self.grid_size = int(round(seq_len ** 0.5))
         self.num_conds = num_conds
         self.guiding_pixel = guiding_pixel
@@ -43,18 +44,19 @@ class MAR(nn.Module):
         self.fixed_masking = None
 
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.patch_emb = nn.Linear(3 * patch_size ** 2, embed_dim)
+        self.patch_emb = nn.Linear(in_channels * patch_size ** 2, embed_dim)
         self.patch_emb_ln = nn.LayerNorm(embed_dim, eps=1e-6)
         self.cond_emb = nn.Linear(cond_embed_dim, embed_dim)
         if guiding_pixel:
-            self.pix_proj = nn.Linear(3, embed_dim)
+            self.pix_proj = nn.Linear(in_channels, embed_dim)
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + self.num_prefix, embed_dim))
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=4.0, attn_drop=attn_dropout, proj_drop=proj_dropout)
             for _ in range(num_blocks)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if guiding_pixel:
-            self.guiding_pixel_loss = PixelLoss(c_channels=cond_embed_dim, **GUIDING_HEAD)
+            self.guiding_pixel_loss = PixelLoss(c_channels=cond_embed_dim, in_channels=in_channels,
+                                                pixel_mean=pixel_mean, pixel_std=pixel_std, **GUIDING_HEAD)
 
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
@@ -90,8 +92,8 @@ class MAR(nn.Module):
 
     # ----------------------------------------------------------------- network
     def predict(self, patches, mask, cond_list, keep=None):
-        """patches: (B, L, 3p^2), mask: (B, L) bool, cond_list: num_conds tensors (B, C)
-        [+ guiding pixel (B, 3)]; keep: optional (B, K) patch positions whose outputs are
+        """patches: (B, L, Cp^2), mask: (B, L) bool, cond_list: num_conds tensors (B, D_cond)
+        [+ guiding pixel (B, C)]; keep: optional (B, K) patch positions whose outputs are
         wanted (default: all L, in order). Returns their outputs (B, K, D).
 
         Every token is attended to, but the last block computes outputs for the kept
@@ -140,14 +142,14 @@ class MAR(nn.Module):
         return [flat[centre + offset] for offset in offsets]
 
     def forward(self, imgs, cond_list):
-        """imgs: (B, 3, H, W); cond_list: conditions (B, C). Returns the masked patches
-        (N, 3, p, p) in (sample, position) order, their five conditions (N, D) and the
+        """imgs: (B, C, H, W); cond_list: conditions (B, D_cond). Returns the masked patches
+        (N, C, p, p) in (sample, position) order, their five conditions (N, D) and the
         guiding-pixel loss (0 without a guiding pixel)."""
-        patches = patchify(imgs, self.patch_size)  # (B, L, 3p^2)
+        patches = patchify(imgs, self.patch_size)  # (B, L, Cp^2)
         mask = self.choose_mask(patches.shape[0], imgs.device)
         cond_list = list(cond_list)
         if self.guiding_pixel:
-            guiding = imgs.mean(dim=(-2, -1))  # (B, 3) mean colour of each input patch
+            guiding = imgs.mean(dim=(-2, -1))  # (B, C) mean colour of each input patch
             guiding_loss = self.guiding_pixel_loss(guiding, cond_list)
             cond_list.append(guiding)
         else:
@@ -155,7 +157,7 @@ class MAR(nn.Module):
         keep = needed_positions(mask, self.grid_size, self.num_next_conds > 1)
         x = self.predict(patches, mask, cond_list, keep)  # (B, K, D)
         p = self.patch_size
-        next_patches = patches[mask].reshape(-1, 3, p, p)
+        next_patches = patches[mask].reshape(-1, self.in_channels, p, p)
         return next_patches, self.next_conditions(x, keep, mask), guiding_loss
 
     # ----------------------------------------------------------------- sampling
@@ -165,10 +167,10 @@ class MAR(nn.Module):
         """Generate the patches in min(L, num_iter) steps, MaskGIT-style cosine schedule.
 
         cond_list: conditions (B, C), or (2B, C) when cfg != 1 (rows 0..B-1 conditional,
-        B..2B-1 unconditional). known / known_mask: optional (B, 3, H, W) values and bools;
+        B..2B-1 unconditional). known / known_mask: optional (B, C, H, W) values and bools;
         fully known patches are visible from the start and never sampled, partly known
         ones recurse with their known pixels. fast: see AR.sample.
-        Returns (B, 3, H, W) normalised images.
+        Returns (B, C, H, W) normalised images.
         """
         if fast and known is None:
             return self.sample_static(cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
@@ -183,7 +185,7 @@ class MAR(nn.Module):
             cond_list.append(torch.cat([guiding, guiding]) if guided else guiding)
 
         # float32 whatever the autocast dtype: the values must survive the round trip to 0..255
-        patches = torch.zeros(B, L, 3 * p * p, device=device)
+        patches = torch.zeros(B, L, self.in_channels * p * p, device=device)
         known_patches, known_patch_mask = split_known(known, known_mask, p)
         if known_patches is None:
             fully_known = torch.zeros(B, L, dtype=torch.bool, device=device)
@@ -245,7 +247,7 @@ class MAR(nn.Module):
             cond_list.append(torch.cat([guiding, guiding]) if guided else guiding)
         size = bucket_size(B)
         cond_list = [pad_halves(c, halves, size) for c in cond_list]  # (halves * size, C)
-        patches = torch.zeros(size, L, 3 * p * p, device=device)
+        patches = torch.zeros(size, L, self.in_channels * p * p, device=device)
         orders = torch.rand(size, L, device=device).argsort(dim=1)
         ranks = orders.argsort(dim=1)
         batch = torch.arange(halves * size, device=device).unsqueeze(1)  # (rows, 1)
@@ -264,8 +266,8 @@ class MAR(nn.Module):
             cond_next = [unpad_halves(c, halves, size, B * count) for c in cond_next]
             cfg_iter = 1 + (cfg - 1) * (1 - mask_len / L) if cfg_schedule == "linear" else cfg
             out = next_level(cond_list=cond_next, cfg=cfg_iter, temperature=temperature,
-                             filter_threshold=filter_threshold)  # (B * count, 3, p, p)
-            new = positions[:size].unsqueeze(-1).expand(-1, -1, 3 * p * p)
+                             filter_threshold=filter_threshold)  # (B * count, C, p, p)
+            new = positions[:size].unsqueeze(-1).expand(-1, -1, self.in_channels * p * p)
             patches[:B].scatter_(1, new[:B], out.reshape(B, count, -1).to(patches.dtype))
             done += count
             if visualize:

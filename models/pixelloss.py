@@ -1,12 +1,20 @@
-"""PixelLoss: the per-pixel head that models the 256-way r, g, b values autoregressively."""
+"""PixelLoss: the per-pixel head that models the 256-way channel values (r, g, b; or grey;
+or r, g, b, alpha; ...) autoregressively, one channel after another."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (PIXEL_MEAN, PIXEL_STD, Block, KVCache, StaticKVCache, init_weights, pad_halves, run_blocks,
-                     static_caches, step_function)
+from .layers import (Block, KVCache, StaticKVCache, init_weights, pad_halves, pixel_norm, run_blocks, static_caches,
+                     step_function)
 
 NUM_LEVELS = 256  # 8-bit pixel values
+# Parameter-name prefixes of the channels by count (r_codebook, r_mlm, ...): the official
+# RGB names, grey (l) and alpha (a) after PIL's modes L, LA, RGB, RGBA; c0, c1, ... beyond.
+CHANNEL_NAMES = {1: ("l",), 2: ("l", "a"), 3: ("r", "g", "b"), 4: ("r", "g", "b", "a")}
+
+
+def channel_names(in_channels):
+    return CHANNEL_NAMES.get(in_channels) or tuple(f"c{i}" for i in range(in_channels))
 
 
 class MlmLayer(nn.Module):
@@ -21,30 +29,34 @@ class MlmLayer(nn.Module):
 
 
 class PixelLoss(nn.Module):
-    """A causal transformer over the tokens [condition, r, g, b].
+    """A causal transformer over the tokens [condition, channel 0, channel 1, ...].
 
-    Position 0 predicts red from the condition, position 1 green (having seen red),
-    position 2 blue. Each channel has its own codebook, tied between input embedding and
-    output logits.
+    Position 0 predicts the first channel (red) from the condition, position 1 the second
+    (green, having seen red), and so on: C channels, C positions. Each channel has its own
+    codebook, tied between input embedding and output logits. With the default 3 channels
+    this is the official head ([condition, r, g, b], r_codebook, ..., b_mlm).
+    pixel_mean / pixel_std: the normalisation of each channel (default: layers.pixel_norm).
     """
 
-    def __init__(self, c_channels, width, depth, num_heads, r_weight=1.0):
+    def __init__(self, c_channels, width, depth, num_heads, r_weight=1.0, in_channels=3, pixel_mean=None,
+                 pixel_std=None):
         super().__init__()
         self.r_weight = r_weight
+        self.in_channels = in_channels
+        default_mean, default_std = pixel_norm(in_channels)
         # not in the state_dict: the official checkpoints do not hold them
-        self.register_buffer("pix_mean", torch.tensor(PIXEL_MEAN), persistent=False)
-        self.register_buffer("pix_std", torch.tensor(PIXEL_STD), persistent=False)
+        self.register_buffer("pix_mean", torch.tensor(tuple(pixel_mean or default_mean)), persistent=False)
+        self.register_buffer("pix_std", torch.tensor(tuple(pixel_std or default_std)), persistent=False)
 
+        self.names = channel_names(in_channels)
         self.cond_proj = nn.Linear(c_channels, width)
-        self.r_codebook = nn.Embedding(NUM_LEVELS, width)
-        self.g_codebook = nn.Embedding(NUM_LEVELS, width)
-        self.b_codebook = nn.Embedding(NUM_LEVELS, width)
+        for name in self.names:
+            setattr(self, f"{name}_codebook", nn.Embedding(NUM_LEVELS, width))
         self.ln = nn.LayerNorm(width, eps=1e-6)
         self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio=4.0, causal=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.r_mlm = MlmLayer()
-        self.g_mlm = MlmLayer()
-        self.b_mlm = MlmLayer()
+        for name in self.names:
+            setattr(self, f"{name}_mlm", MlmLayer())
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -53,18 +65,18 @@ class PixelLoss(nn.Module):
         self.apply(init_weights)
 
     def codebooks(self):
-        return self.r_codebook, self.g_codebook, self.b_codebook
+        return tuple(getattr(self, f"{name}_codebook") for name in self.names)
 
     def heads(self):
-        return self.r_mlm, self.g_mlm, self.b_mlm
+        return tuple(getattr(self, f"{name}_mlm") for name in self.names)
 
     def to_pixel_ids(self, x):
-        """(N, 3) normalised values -> (N, 3) integer pixel values, exact for values on
+        """(N, C) normalised values -> (N, C) integer pixel values, exact for values on
         the k/255 grid."""
         return ((x * self.pix_std + self.pix_mean) * 255).round().long().clamp(0, NUM_LEVELS - 1)
 
     def from_pixel_ids(self, ids):
-        """(N,) or (N, 3) integer pixel values -> normalised floats."""
+        """(N, C) integer pixel values -> normalised floats."""
         return (ids.float() / 255 - self.pix_mean) / self.pix_std
 
     def channel_logits(self, h, channel):
@@ -76,69 +88,73 @@ class PixelLoss(nn.Module):
             return self.heads()[channel](h.float(), codebook.float())
 
     def predict(self, target, cond_list):
-        """target: (N, 3) normalised pixels; cond_list[0]: (N, C).
-        Returns logits (N, 3, 256) in float32 and the integer targets (N, 3)."""
+        """target: (N, C) normalised pixels; cond_list[0]: (N, D).
+        Returns logits (N, C, 256) in float32 and the integer targets (N, C)."""
         h, ids = self.hidden(target, cond_list)
-        return torch.stack([self.channel_logits(h[:, c], c) for c in range(3)], dim=1), ids
+        return torch.stack([self.channel_logits(h[:, c], c) for c in range(self.in_channels)], dim=1), ids
 
     def hidden(self, target, cond_list):
-        """target: (N, 3) normalised pixels; cond_list[0]: (N, C). Returns the states
-        (N, 3, W) that predict r, g and b, and the integer targets (N, 3)."""
-        target = target.reshape(target.shape[0], 3)
+        """target: (N, C) normalised pixels; cond_list[0]: (N, D). Returns the states
+        (N, C, W) that predict each channel, and the integer targets (N, C)."""
+        target = target.reshape(target.shape[0], self.in_channels)
         # (quirk) a tiny dither before rounding breaks banker's-rounding ties the way the
         # pretrained weights saw them
         values = (target * self.pix_std + self.pix_mean) * 255
         # the clamp only matters for out-of-range input, which would otherwise fail deep in an embedding lookup
         ids = (values + 1e-2 * torch.randn_like(values)).round().long().clamp(0, NUM_LEVELS - 1)
-        # The blue token is left out: its output predicts nothing and, the attention being
-        # causal, no other position sees it, so positions 0..2 are the same without it.
-        x = torch.stack([
-            self.cond_proj(cond_list[0]),
-            self.r_codebook(ids[:, 0]),
-            self.g_codebook(ids[:, 1]),
-        ], dim=1)  # (N, 3, W)
+        # The last channel's token is left out: its output predicts nothing and, the
+        # attention being causal, no other position sees it, so positions 0..C-1 are the
+        # same without it.
+        codebooks = self.codebooks()
+        x = torch.stack([self.cond_proj(cond_list[0])] +
+                        [codebooks[c](ids[:, c]) for c in range(self.in_channels - 1)], dim=1)  # (N, C, W)
         return self.norm(run_blocks(self.blocks, self.ln(x))), ids
 
     def forward(self, target, cond_list):
-        """Mean cross-entropy (nats per sub-pixel) of `target` (N, 3[, 1, 1]) given
-        cond_list[0] (N, C). Training weighs red by r_weight; eval is the plain mean."""
+        """Mean cross-entropy (nats per sub-pixel) of `target` (N, C[, 1, 1]) given
+        cond_list[0] (N, D). Training weighs the first channel (red) by r_weight; eval is
+        the plain mean."""
         h, ids = self.hidden(target, cond_list)
-        # one cross-entropy per channel: the (N, 3, 256) logits are never stacked
+        # one cross-entropy per channel: the (N, C, 256) logits are never stacked
         ce = torch.stack([F.cross_entropy(self.channel_logits(h[:, c], c), ids[:, c], reduction="none")
-                          for c in range(3)], dim=1)  # (N, 3)
+                          for c in range(self.in_channels)], dim=1)  # (N, C)
         if self.training:
-            loss = (self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)
+            loss = self.r_weight * ce[:, 0]
+            for c in range(1, self.in_channels):
+                loss = loss + ce[:, c]
+            loss = loss / (self.r_weight + (self.in_channels - 1))
         else:
             loss = ce.mean(dim=1)
         return loss.mean()
 
     @torch.no_grad()
     def sample(self, cond_list, temperature, cfg, filter_threshold=0, known=None, known_mask=None, fast=False):
-        """Draw r, g, b in turn. cond_list[0]: (N, C), or (2N, C) when cfg != 1 (rows
-        0..N-1 conditional, N..2N-1 unconditional). known / known_mask: optional (N, 3)
-        normalised values and bools; known channels are taken instead of drawn (and the
-        later channels are conditioned on them). Returns (N, 3) normalised pixels.
+        """Draw the channels in turn (r, g, b). cond_list[0]: (N, D), or (2N, D) when cfg != 1
+        (rows 0..N-1 conditional, N..2N-1 unconditional). known / known_mask: optional
+        (N, C) normalised values and bools; known channels are taken instead of drawn (and
+        the later channels are conditioned on them). Returns (N, C) normalised pixels.
 
-        Each channel is one cached step of the causal transformer, so the three
-        passes cost one token each. fast (True, "frozen" or "eager", without known): the three
-        steps as one fixed-shape function (`draw_pixels`), rows padded to a power of two.
+        Each channel is one cached step of the causal transformer, so the C passes cost
+        one token each. fast (True, "frozen" or "eager", without known): the C steps as
+        one fixed-shape function (`draw_pixels`), rows padded to a power of two.
         """
         cond = cond_list[0]
         if fast and known is None:
             return self.sample_static(cond, temperature, cfg, filter_threshold, fast)
         guided = cfg != 1.0
+        C = self.in_channels
         n = cond.shape[0] // 2 if guided else cond.shape[0]
-        known_ids = self.to_pixel_ids(known.reshape(n, 3)) if known is not None else None
-        known_mask = known_mask.reshape(n, 3) if known is not None else None
-        caches = [KVCache(max_len=3) for _ in self.blocks]
+        known_ids = self.to_pixel_ids(known.reshape(n, C)) if known is not None else None
+        known_mask = known_mask.reshape(n, C) if known is not None else None
+        caches = [KVCache(max_len=C) for _ in self.blocks]
         x = self.cond_proj(cond).unsqueeze(1)  # (rows, 1, W)
-        ids = torch.empty(n, 3, dtype=torch.long, device=cond.device)
-        for c in range(3):
+        ids = torch.empty(n, C, dtype=torch.long, device=cond.device)
+        for c in range(C):
             # (quirk) The official sampler re-runs the training forward for every channel,
-            # which dithers its (here unused) targets with 0.01 * randn: (rows, 3) normals per
+            # which dithers its (here unused) targets with 0.01 * randn: (rows, C) normals per
             # channel. Drawing them too keeps the random stream in step with the official
             # code, so a seed gives the official images bit for bit (tests/test_parity.py).
-            torch.randn(cond.shape[0], 3, device=cond.device)
+            torch.randn(cond.shape[0], C, device=cond.device)
             h = self.norm(run_blocks(self.blocks, self.ln(x), caches=caches))[:, 0]
             logits = self.channel_logits(h, c)
             # (quirk) temperature multiplies the logits; the pretrained settings assume it
@@ -149,7 +165,7 @@ class PixelLoss(nn.Module):
             ids[:, c] = sample_categorical(torch.softmax(logits, dim=-1))
             if known_ids is not None:
                 ids[:, c] = torch.where(known_mask[:, c], known_ids[:, c], ids[:, c])
-            if c < 2:
+            if c < C - 1:
                 next_ids = torch.cat([ids[:, c], ids[:, c]]) if guided else ids[:, c]
                 x = self.codebooks()[c](next_ids).unsqueeze(1)
         return self.from_pixel_ids(ids)
@@ -168,23 +184,24 @@ class PixelLoss(nn.Module):
         return draw(self, padded, temperature, cfg, filter_threshold, guided)[:n]
 
     def draw_pixels(self, cond, temperature, cfg, filter_threshold, guided):
-        """r, g, b of every row in one fixed-shape function (one graph under torch.compile).
-        cond: (rows, C) laid out as in `sample`; temperature, cfg: 0-d tensors.
-        Returns (n, 3) normalised pixels."""
+        """Every channel of every row in one fixed-shape function (one graph under
+        torch.compile). cond: (rows, D) laid out as in `sample`; temperature, cfg: 0-d
+        tensors. Returns (n, C) normalised pixels."""
         rows = cond.shape[0]
+        C = self.in_channels
         n = rows // 2 if guided else rows
         x = self.cond_proj(cond).unsqueeze(1)  # (rows, 1, W)
         heads = self.blocks[0].attn.num_heads
-        buffers = StaticKVCache.buffers(rows, heads, 3, x.shape[-1] // heads, x, len(self.blocks))
+        buffers = StaticKVCache.buffers(rows, heads, C, x.shape[-1] // heads, x, len(self.blocks))
         ids = []
-        for c in range(3):
+        for c in range(C):
             pos = torch.full((1,), c, dtype=torch.long, device=cond.device)
             h = self.norm(run_blocks(self.blocks, self.ln(x), caches=static_caches(buffers, pos)))[:, 0]
             logits = self.channel_logits(h, c) * temperature  # (quirk) temperature multiplies
             if guided:
                 logits = guided_logits(logits[:n], logits[n:], cfg, filter_threshold)
             ids.append(sample_categorical(torch.softmax(logits, dim=-1)))
-            if c < 2:
+            if c < C - 1:
                 next_ids = torch.cat([ids[c], ids[c]]) if guided else ids[c]
                 x = self.codebooks()[c](next_ids).unsqueeze(1)
         return self.from_pixel_ids(torch.stack(ids, dim=1))

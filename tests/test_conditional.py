@@ -99,7 +99,7 @@ def test_pixel_head_known_channels():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(known=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), known_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)),
-     r"known must be RGB images of shape \(1, 3, 16, 16\) or \(16, 16, 3\), got \(1, 3, 8, 8\)"),
+     r"known must be images of shape \(1, 3, 16, 16\) or \(16, 16, 3\), got \(1, 3, 8, 8\)"),
     (dict(known=torch.zeros(1, 3, 16, 16), known_mask=torch.ones(1, 1, 16, 16, dtype=torch.bool)),
      "known must be a uint8 image"),
     (dict(known=torch.zeros(1, 3, 16, 16, dtype=torch.uint8)), "known_mask is required"),

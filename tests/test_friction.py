@@ -382,7 +382,7 @@ def test_known_accepts_pil_images_and_hwc_arrays(trained, tmp_path):
         torch.manual_seed(0)
         results.append(model.generate([0], known=known, known_mask=mask))
     assert all(torch.equal(results[0], r) for r in results[1:])
-    with pytest.raises(ValueError, match=r"known must be RGB images .*got \(16, 16, 4\).*load_image"):
+    with pytest.raises(ValueError, match=r"known must be images .*got \(16, 16, 4\).*load_image"):
         model.generate([0], known=Image.open(path).convert("RGBA"), known_mask=mask)
 
 

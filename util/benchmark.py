@@ -37,7 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from models import CONFIGS, DEFAULT_SAMPLING, MAR, CheckpointMismatchError, create_model, fixed_masking, from_uint8
+from models import CONFIGS, DEFAULT_SAMPLING, MAR, CheckpointMismatchError, create_model, fixed_masking
 from models.config import is_config_file
 from util import cli
 from util.checkpoint import load_checkpoint
@@ -117,11 +117,11 @@ def sampling_settings(name, num_iter=None, cfg=None, model=None):
 
 
 def random_batch(model, batch, device, generator):
-    """Valid random images (ImageNet-normalised, on the 1/255 grid) and labels."""
+    """Valid random images (normalised as the model reads them, on the 1/255 grid) and labels."""
     size = model.img_size
-    u8 = torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8)
+    u8 = torch.randint(0, 256, (batch, model.in_channels, size, size), generator=generator, dtype=torch.uint8)
     labels = torch.randint(0, model.class_num, (batch,), generator=generator)
-    return from_uint8(u8).to(device), labels.to(device)
+    return model.from_uint8(u8).to(device), labels.to(device)
 
 
 # ---------------------------------------------------------------------- measurement helpers

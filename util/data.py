@@ -10,6 +10,12 @@ the k-th folder name. A split that holds its images directly, without class fold
 (FFHQ, LSUN, most in-house data), is one class: every image has label 0, and the model
 trained on it is unconditional. A split that mixes loose images with class folders is
 refused.
+
+Images are read in the mode of the model's channel count (`IMAGE_MODES`: 1 L, 2 LA, 3 RGB,
+4 RGBA) with PIL's conversions (colour to grey: ITU-R 601-2 luma; dropping alpha keeps the
+colour values; adding alpha makes the image opaque; a palette with transparency becomes
+RGBA first). `build_dataset` says once, from a sample of the files, which conversions the
+data needs. A model with more than four channels has no image file mode: it is refused.
 """
 import functools
 import os
@@ -22,29 +28,102 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from models.layers import PIXEL_MEAN, PIXEL_STD
 from util.crop import center_crop_arr
-from util.misc import UserInputError
+from util.misc import UserInputError, print0
+
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # PIL mode of each channel count
+MODE_SAMPLE = 64  # files whose mode build_dataset looks at to say what it converts
 
 
 class UnreadableImageError(UserInputError):
     """An image file that PIL cannot decode."""
 
 
-def load_rgb(path):
-    """ImageFolder loader that names the file when it cannot be decoded."""
+def image_mode(channels, what="a model"):
+    """The PIL mode of `channels` channels; one sentence for a count no image file holds."""
+    if channels not in IMAGE_MODES:
+        raise UserInputError(f"{what} with {channels} channels has no image file mode (PNG and JPEG hold 1 to 4 "
+                             f"channels: L, LA, RGB, RGBA); feed it tensors from a Dataset of your own "
+                             f"(docs/your-own-data.md)")
+    return IMAGE_MODES[channels]
+
+
+def convert_mode(img, mode):
+    """A PIL image in `mode` (see the module docstring for the conversions)."""
+    if img.mode == mode:
+        return img
+    if mode in ("LA", "RGBA") and img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # the palette's transparency becomes alpha
+    return img.convert(mode)
+
+
+def load_image_as(path, mode="RGB"):
+    """Read an image file in `mode`, naming the file when it cannot be decoded."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            if mode == "RGB":
+                return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            img.load()  # decode now: the file closes on return
+            return convert_mode(img, mode)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); "
                                    f"remove or replace the file") from None
 
 
-def build_transform(img_size):
-    """ADM centre crop to img_size, ImageNet normalisation. The training flip is not here
-    but in `KeyedFlips`: a transform's randomness would depend on the worker's RNG."""
+def load_rgb(path):
+    """ImageFolder loader of RGB images that names the file when it cannot be decoded."""
+    return load_image_as(path, "RGB")
+
+
+def build_transform(img_size, mean=PIXEL_MEAN, std=PIXEL_STD):
+    """ADM centre crop to img_size, normalisation (default ImageNet's; one mean and std per
+    channel). The training flip is not here but in `KeyedFlips`: a transform's randomness
+    would depend on the worker's RNG."""
     steps = [functools.partial(center_crop_arr, image_size=img_size),  # partial pickles for workers
-             transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
+             transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
+
+
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
+
+
+def conversion_note(source, mode):
+    """How an image of PIL mode `source` becomes `mode`, in words (None: it does not change)."""
+    if source == mode:
+        return None
+    parts = []
+    if mode in ("L", "LA") and source not in GREY_MODES:
+        parts.append("colour becomes grey (ITU-R 601-2 luma)")
+    if mode in ("RGB", "RGBA") and source in GREY_MODES:
+        parts.append("grey is copied to R, G and B")
+    if source in ALPHA_MODES and mode not in ALPHA_MODES:
+        parts.append("alpha is dropped (the colour under it is kept)")
+    if mode in ALPHA_MODES and source not in ALPHA_MODES:
+        parts.append("alpha is added: opaque, except a palette's transparent colour" if source == "P" else
+                     "alpha is added, fully opaque")
+    return "; ".join(parts) or f"PIL converts {source} to {mode}"
+
+
+def describe_conversions(samples, mode, root, limit=MODE_SAMPLE):
+    """Say once (rank 0) what reading the images in `mode` does to them, judged from the
+    modes of up to `limit` files spread over the dataset (file headers only)."""
+    if not samples:
+        return
+    step = max(1, len(samples) // limit)
+    modes = {}
+    for path, _ in samples[::step][:limit]:
+        try:
+            with Image.open(path) as img:
+                modes[img.mode] = modes.get(img.mode, 0) + 1
+        except (OSError, ValueError, SyntaxError):
+            continue  # the loader names an unreadable file when it meets it
+    checked = sum(modes.values())
+    for source, count in sorted(modes.items()):
+        note = conversion_note(source, mode)
+        if note:
+            print0(f"{root}: {count} of {checked} sampled images are {source}; they are read as {mode} for this "
+                   f"{len(mode)}-channel model: {note}")
 
 
 def flips(seed, epoch, index):
@@ -152,15 +231,20 @@ class UnlabelledFolder(datasets.ImageFolder):
                 if not entry.is_dir() and entry.name.lower().endswith(IMG_EXTENSIONS)]
 
 
-def build_dataset(data_path, split, img_size, train, seed=0):
-    """ImageFolder over DATA_PATH/split with the evaluation transform; for training wrapped
-    in KeyedFlips (random flips drawn from `seed`, read with ResumableSampler's keys)."""
+def build_dataset(data_path, split, img_size, train, seed=0, channels=3, mean=PIXEL_MEAN, std=PIXEL_STD):
+    """ImageFolder over DATA_PATH/split (or UnlabelledFolder, for a split without class
+    folders) with the evaluation transform, images read with `channels` channels
+    (IMAGE_MODES) and normalised with `mean`, `std`; for training wrapped in KeyedFlips
+    (random flips drawn from `seed`, read with ResumableSampler's keys)."""
+    mode = image_mode(channels)
     folder = split_dir(data_path, split)
     kind = UnlabelledFolder if is_unlabelled(folder) else datasets.ImageFolder
+    loader = load_rgb if mode == "RGB" else functools.partial(load_image_as, mode=mode)
     try:
-        dataset = kind(folder, transform=build_transform(img_size), loader=load_rgb)
+        dataset = kind(folder, transform=build_transform(img_size, mean, std), loader=loader)
     except FileNotFoundError as e:  # ImageFolder: a class folder without any image
         raise UserInputError(f"{folder}: {str(e).rstrip('.')}; every class folder needs at least one image") from None
+    describe_conversions(dataset.samples, mode, folder)
     return KeyedFlips(dataset, seed) if train else dataset
 
 

@@ -18,6 +18,12 @@ features are gathered (`FeatureBank`), so no rank waits while another scores the
 The Inception weights are loaded with `weights_only=True` by us, never by torch-fidelity.
 
 Reference statistics for your own data: `python -m util.fid_stats --images DIR --out FILE.npz`.
+
+The metrics are defined for RGB images. Other images are shown to Inception as RGB
+(`inception_rgb`), generated ones and reference files alike: grey is copied to R, G and B;
+transparent images (grey + alpha, RGBA) are composited over white first. So the FID of an
+RGBA model measures its images as they look on a white page, against reference statistics
+computed the same way from RGBA files; models with more than four channels have no FID.
 """
 import io
 import os
@@ -25,11 +31,12 @@ import zipfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 import util.misc as misc
 from util.checkpoint import safe_load
 from util.crop import center_crop_arr
-from util.data import load_rgb  # names the file when an image cannot be decoded
+from util.data import ALPHA_MODES, load_image_as, load_rgb  # name the file when an image cannot be decoded
 from util.misc import UserInputError
 
 FID_FEATURE = "2048"             # Inception pool3 features
@@ -40,6 +47,36 @@ PRC_NEIGHBOURS = 3
 IS_SPLITS = 10
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file
+BACKGROUND = 255  # transparent pixels are composited over white before Inception sees them
+RGB_VIEWS = {1: "grey copied to R, G and B", 2: "grey + alpha composited over white, then copied to R, G and B",
+             3: "as they are", 4: "RGBA composited over white"}
+
+
+def rgb_view(channels):
+    """How `inception_rgb` shows images of `channels` channels to Inception, in words;
+    UserInputError for counts it cannot show (no FID / IS for them)."""
+    if channels not in RGB_VIEWS:
+        raise UserInputError(f"FID / Inception Score are defined for RGB images; {channels}-channel images have no "
+                             f"RGB view (1 grey, 2 grey + alpha, 3 RGB or 4 RGBA can be scored); evaluate bits/dim "
+                             f"with --evaluate_nll instead")
+    return RGB_VIEWS[channels]
+
+
+def inception_rgb(images):
+    """uint8 (B, C, H, W) -> the uint8 (B, 3, H, W) Inception sees: RGB as it is; grey (C=1)
+    copied to R, G and B; with alpha (C=2 grey + alpha, C=4 RGBA) the colour composited over
+    white first, round((colour * alpha + 255 * (255 - alpha)) / 255) in integers. Other
+    channel counts raise UserInputError."""
+    channels = images.shape[1]
+    rgb_view(channels)
+    if channels == 3:
+        return images
+    colour = images
+    if channels in (2, 4):
+        colour, alpha = images[:, :-1].int(), images[:, -1:].int()
+        # (x + 127) // 255 is round(x / 255): x / 255 never ends in .5, 255 being odd
+        colour = ((colour * alpha + BACKGROUND * (255 - alpha) + 127) // 255).to(torch.uint8)
+    return colour.expand(-1, 3, -1, -1) if colour.shape[1] == 1 else colour
 
 
 def default_stats_path(img_size):
@@ -168,8 +205,21 @@ def list_images(folder):
     return files
 
 
+def read_for_inception(path):
+    """An image file -> PIL image: RGBA when it has transparency (alpha, or a palette's
+    transparent colour), else RGB (`inception_rgb` composites the RGBA ones)."""
+    with open(path, "rb") as f:
+        try:
+            with Image.open(f) as img:
+                transparent = img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+        except (OSError, ValueError, SyntaxError):
+            transparent = False  # load_rgb names the file
+    return load_image_as(path, "RGBA") if transparent else load_rgb(path)
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files -> uint8 (3, H, W), optionally ADM-centre-cropped to img_size."""
+    """Image files -> uint8 (3, H, W) as Inception sees them (`inception_rgb`), optionally
+    ADM-centre-cropped to img_size."""
 
     def __init__(self, files, img_size=None):
         self.files, self.img_size = files, img_size
@@ -178,10 +228,11 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = load_rgb(self.files[i])
+        image = read_for_inception(self.files[i])
         if self.img_size is not None:
             image = center_crop_arr(image, self.img_size)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3 or 4, H, W) uint8
+        return inception_rgb(pixels.unsqueeze(0))[0]
 
 
 class FeatureBank:
@@ -197,9 +248,10 @@ class FeatureBank:
 
     @torch.no_grad()
     def add(self, images, ids):
-        """images: uint8 (B, 3, H, W) on any device; ids: B image ids."""
+        """images: uint8 (B, C, H, W) on any device (seen as `inception_rgb` makes them);
+        ids: B image ids."""
         self.ids.append(torch.as_tensor(list(ids), dtype=torch.int64))
-        for chunk in images.split(self.batch_size):
+        for chunk in inception_rgb(images).split(self.batch_size):
             features = self.inception(chunk.to(self.device))  # one tensor per name, (b, D)
             for name, value in zip((FID_FEATURE, IS_FEATURE), features):
                 self.rows[name].append(value.float().cpu())

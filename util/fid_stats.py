@@ -5,6 +5,8 @@ of real images, so that generated images can be scored against your own dataset.
 
 Images are searched recursively (an ImageFolder tree works as it is) and centre-cropped to
 --img_size the way training data is (ADM crop), which is what generated images look like.
+Inception sees them as util.fid.inception_rgb shows generated images: grey copied to R, G
+and B, transparent images (RGBA, LA) composited over white.
 Then train or evaluate with `--fid_stats_path fid_stats/mydata_in64_stats.npz`.
 """
 import sys

@@ -9,6 +9,11 @@ root/train and root/val, without class folders (one class: an unconditional mode
 
     python -m util.toy_data --root quickstart_out/data
     python -m util.toy_data --root shapes_unlabelled --unlabelled
+    python -m util.toy_data --root toy_grey --mode L        # greyscale PNGs
+    python -m util.toy_data --root toy_rgba --mode RGBA     # shapes on a transparent background
+
+In the RGBA variant the background is fully transparent (alpha 0, colour 0) and each shape
+is drawn with an alpha from SHAPE_ALPHAS; the greyscale variant is the RGB image's luma.
 """
 import json
 import os
@@ -34,6 +39,8 @@ CLASSES = (
 # free colours it would spend its capacity on copying exact 8-bit values.
 BACKGROUNDS = ((12, 12, 16), (40, 20, 56), (16, 44, 36), (56, 40, 16))
 CONFIG_FILE = "toy_data.json"
+MODES = ("RGB", "L", "RGBA")
+SHAPE_ALPHAS = (255, 160)  # RGBA variant: opaque or translucent shapes
 
 
 def class_names(num_classes):
@@ -77,35 +84,42 @@ def _inside(shape, xs, ys, cx, cy, r):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(class_idx, rng, size=16):
-    """Draw one image of class `class_idx` -> uint8 (size, size, 3): the class's shape and
-    colour on a random palette background, with jittered position and size."""
+def render(class_idx, rng, size=16, mode="RGB"):
+    """Draw one image of class `class_idx` -> uint8 (size, size, 3) for RGB: the class's
+    shape and colour on a random palette background, with jittered position and size;
+    (size, size) for L (its luma); (size, size, 4) for RGBA (transparent background)."""
     _, colour, shape = CLASSES[class_idx]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     r = size * rng.uniform(0.28, 0.38)
     cx, cy = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
+    inside = shape_mask(shape, size, cx, cy, r)
     img = np.empty((size, size, 3), dtype=np.uint8)
     img[:] = background
-    img[shape_mask(shape, size, cx, cy, r)] = colour
+    img[inside] = colour
+    if mode == "L":
+        return np.asarray(Image.fromarray(img).convert("L"))
+    if mode == "RGBA":
+        img = np.zeros((size, size, 4), dtype=np.uint8)
+        img[inside] = (*colour, SHAPE_ALPHAS[rng.integers(len(SHAPE_ALPHAS))])
     return img
 
 
-def make_split(root, split, per_class, num_classes, size, seed, unlabelled=False):
+def make_split(root, split, per_class, num_classes, size, seed, unlabelled=False, mode="RGB"):
     """Write root/split/<class>/<index>.png (unlabelled: root/split/<class>_<index>.png, the
-    same images); deterministic in (seed, split)."""
+    same images) in `mode`; deterministic in (seed, split)."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
     for c in range(num_classes):
         folder = os.path.join(root, split) if unlabelled else os.path.join(root, split, CLASSES[c][0])
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
             name = f"{c}_{i:05d}.png" if unlabelled else f"{i:05d}.png"
-            Image.fromarray(render(c, rng, size)).save(os.path.join(folder, name))
+            Image.fromarray(render(c, rng, size, mode)).save(os.path.join(folder, name))
 
 
 def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class=50, size=16, seed=0,
-                 unlabelled=False):
-    """Write the ImageFolder dataset under `root` (train/ and val/) and return `root`;
-    `unlabelled` writes the images without class folders.
+                 unlabelled=False, mode="RGB"):
+    """Write the ImageFolder dataset under `root` (train/ and val/) as PNGs of `mode` (RGB,
+    L or RGBA) and return `root`; `unlabelled` writes the images without class folders.
 
     A dataset already written with the same settings is reused; different settings
     replace it.
@@ -114,10 +128,14 @@ def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class
         raise ValueError(f"num_classes must be between 1 and {len(CLASSES)}, got {num_classes}")
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels to draw recognisable shapes, got {size}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     config = dict(num_classes=num_classes, num_train_per_class=num_train_per_class,
                   num_val_per_class=num_val_per_class, size=size, seed=seed, version=2)
     if unlabelled:  # only then: datasets written before keep their config (and are reused)
         config["unlabelled"] = True
+    if mode != "RGB":  # RGB datasets written before the mode existed stay valid
+        config["mode"] = mode
     config_path = os.path.join(root, CONFIG_FILE)
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -125,8 +143,8 @@ def make_dataset(root, num_classes=4, num_train_per_class=400, num_val_per_class
                 return root
     for split in ("train", "val"):
         shutil.rmtree(os.path.join(root, split), ignore_errors=True)
-    make_split(root, "train", num_train_per_class, num_classes, size, seed, unlabelled)
-    make_split(root, "val", num_val_per_class, num_classes, size, seed, unlabelled)
+    make_split(root, "train", num_train_per_class, num_classes, size, seed, unlabelled, mode)
+    make_split(root, "val", num_val_per_class, num_classes, size, seed, unlabelled, mode)
     with open(config_path, "w") as f:  # written last: marks the dataset complete
         json.dump(config, f)
     return root
@@ -142,9 +160,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unlabelled", action="store_true",
                         help="the images directly in train/ and val/, without class folders (one class)")
+    parser.add_argument("--mode", default="RGB", choices=MODES,
+                        help="PNG mode: RGB, L (greyscale) or RGBA (shapes on a transparent background)")
     args = parser.parse_args(argv)
     make_dataset(args.root, args.num_classes, args.num_train_per_class, args.num_val_per_class,
-                 args.size, args.seed, args.unlabelled)
+                 args.size, args.seed, args.unlabelled, args.mode)
     layout = ", without class folders" if args.unlabelled else ""
     print(f"wrote {args.root}/train and {args.root}/val ({', '.join(class_names(args.num_classes))}{layout})")
 

@@ -1,6 +1,7 @@
 """Image grids, PNG/GIF writing and image loading for the demos (PIL only).
 
-Images are uint8 tensors (B, 3, H, W) as returned by `FractalGen.generate`.
+Images are uint8 tensors (B, C, H, W) as returned by `FractalGen.generate`: C = 1 (grey,
+written as PIL mode L), 2 (LA), 3 (RGB) or 4 (RGBA, with real transparency).
 """
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util.data import convert_mode, image_mode
 from util.misc import UserInputError, replacing
 
 GRID_PAD = 2        # pixels between tiles
@@ -16,17 +18,19 @@ HIDDEN_DARK, HIDDEN_LIGHT = 96, 160  # checkerboard shown where a pixel is unkno
 
 
 def make_grid(images, nrow=None, pad=GRID_PAD, pad_value=GRID_PAD_VALUE):
-    """uint8 (B, 3, H, W) -> uint8 (3, rows*(H+pad)+pad, nrow*(W+pad)+pad), row-major,
-    `nrow` tiles per row (default: all in one row)."""
+    """uint8 (B, C, H, W) -> uint8 (C, rows*(H+pad)+pad, nrow*(W+pad)+pad), row-major,
+    `nrow` tiles per row (default: all in one row); C from 1 to 4 (the padding of an RGBA
+    grid is opaque)."""
     images = torch.as_tensor(images).detach().cpu()
     if images.ndim == 3:
         images = images.unsqueeze(0)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    B, _, H, W = images.shape
+    if images.dtype != torch.uint8 or images.ndim != 4 or not 1 <= images.shape[1] <= 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W) with C from 1 to 4, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    B, C, H, W = images.shape
     nrow = min(nrow or B, B)
     rows = -(-B // nrow)
-    grid = torch.full((3, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=torch.uint8)
+    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=torch.uint8)
     for i in range(B):
         y, x = pad + (i // nrow) * (H + pad), pad + (i % nrow) * (W + pad)
         grid[:, y:y + H, x:x + W] = images[i]
@@ -34,10 +38,12 @@ def make_grid(images, nrow=None, pad=GRID_PAD, pad_value=GRID_PAD_VALUE):
 
 
 def to_pil(image, scale=1):
-    """uint8 (3, H, W) -> PIL image, enlarged `scale` times with nearest neighbour so that
-    tiny images stay crisp."""
+    """uint8 (C, H, W) -> PIL image of mode L, LA, RGB or RGBA, enlarged `scale` times with
+    nearest neighbour so that tiny images stay crisp."""
     array = torch.as_tensor(image).detach().cpu().permute(1, 2, 0).numpy()
-    pil = Image.fromarray(np.ascontiguousarray(array))  # (H, W, 3) uint8 -> RGB
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    pil = Image.fromarray(np.ascontiguousarray(array))  # (H, W[, C]) uint8 -> L, LA, RGB or RGBA
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     return pil
@@ -74,15 +80,19 @@ def save_gif(frames, path, duration_ms=80, final_hold_ms=1500, scale=1):
 
 
 def show_known(images, known_mask):
-    """Display version of a partly known image: unknown pixels become a grey checkerboard.
-    images uint8 (B, 3, H, W); known_mask bool broadcastable to it -> uint8 (B, 3, H, W)."""
+    """Display version of a partly known image: unknown pixels become a grey checkerboard
+    (opaque, for images with alpha). images uint8 (B, C, H, W); known_mask bool
+    broadcastable to it -> uint8 (B, C, H, W)."""
     images = torch.as_tensor(images)
     known = torch.broadcast_to(torch.as_tensor(known_mask, device=images.device), images.shape)
     H, W = images.shape[-2:]
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     tile = max(1, H // 8)
     board = torch.where(((ys // tile + xs // tile) % 2) == 0, HIDDEN_DARK, HIDDEN_LIGHT).to(torch.uint8)
-    return torch.where(known, images, board.to(images.device).expand_as(images))
+    board = board.to(images.device).expand_as(images).clone()
+    if images.shape[-3] in (2, 4):  # LA, RGBA: the last channel is alpha
+        board[..., -1, :, :] = 255
+    return torch.where(known, images, board)
 
 
 def open_image(path):
@@ -99,12 +109,13 @@ def open_image(path):
     return img
 
 
-def load_image(path, size):
-    """Read an image file (or take an opened PIL image) -> uint8 (1, 3, size, size): short
-    side resized (bicubic) to `size`, then centre-cropped."""
+def load_image(path, size, channels=3):
+    """Read an image file (or take an opened PIL image) -> uint8 (1, C, size, size) with C =
+    `channels` (util.data.image_mode: grey, RGB, RGBA, ...): short side resized (bicubic) to
+    `size`, then centre-cropped."""
     img = path if isinstance(path, Image.Image) else open_image(path)
     with img:
-        img = img.convert("RGB")
+        img = img.convert("RGB") if channels == 3 else convert_mode(img, image_mode(channels, "an image"))
         scale = size / min(img.size)
         if img.size != (size, size):
             img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
@@ -112,6 +123,8 @@ def load_image(path, size):
             left, top = (img.width - size) // 2, (img.height - size) // 2
             img = img.crop((left, top, left + size, top + size))
         array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:  # L
+        array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
