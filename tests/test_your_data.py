@@ -203,7 +203,7 @@ def test_data_is_read_with_the_model_s_channels_saying_once_what_changes(stored,
     assert image.shape == (channels, 8, 8)
     raw = Image.open(dataset.samples[0][0])
     if stored == "RGBA" and channels == 4:  # alpha survives: the tensor holds the file's values exactly
-        expected = torch.from_numpy(np.asarray(data_util.center_crop_arr(raw, 8))).permute(2, 0, 1)
+        expected = torch.from_numpy(np.array(data_util.center_crop_arr(raw, 8))).permute(2, 0, 1)
         torch.testing.assert_close(image, (expected.float() / 255 - torch.tensor(mean).view(-1, 1, 1))
                                    / torch.tensor(std).view(-1, 1, 1))
 
@@ -341,3 +341,66 @@ def test_a_grey_or_rgba_folder_trains_resumes_evaluates_samples_and_reloads(mode
     if mode == "RGBA":  # real transparency: the transparent background is generated as such
         alpha = images[:, 3]
         assert (alpha == 0).float().mean() > 0.5 and (alpha >= min(toy_data.SHAPE_ALPHAS)).any()
+
+
+@pytest.mark.parametrize("types", [("ar", "ar", "ar"), ("mar", "mar", "ar")], ids=["ar", "mar"])
+@pytest.mark.parametrize("fast", [False, "eager"])
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_every_channel_lands_in_its_own_plane(channels, fast, types, one_thread):
+    """A head that always draws the value 10 + 40 c for channel c (a one-hot bias outweighs
+    everything else): every level, official and fast paths, must put channel c's draws
+    into plane c at every pixel (a channel/pixel layout mix-up anywhere moves some)."""
+    model = tiny(channels, types=types, guiding_pixel=types[1] == "mar").eval()
+    values = [10 + 40 * c for c in range(channels)]
+    with torch.no_grad():
+        for mlm, value in zip(model.next_fractal.next_fractal.heads(), values):
+            mlm.bias.fill_(-1e4)
+            mlm.bias[0, value] = 1e4
+    torch.manual_seed(0)
+    out = model.generate([0, 1], num_iter_list=(2, 2), cfg=2.0, fast=fast)
+    expected = torch.tensor(values, dtype=torch.uint8).view(1, channels, 1, 1).expand(2, -1, 8, 8)
+    assert torch.equal(out, expected)
+
+
+def test_an_unlabelled_grey_folder_with_ema_and_three_generator_levels(run_main, tmp_path, capsys):
+    """The pieces compose: 128 -> 16 -> 4 -> 1 (MAR over AR over MAR, a structure no named
+    model has) with one channel, trained with --ema_rate on an unlabelled greyscale folder;
+    resumed from its checkpoint alone, bits/dim of its EMA weights, sampled and reloaded."""
+    from demo import sample
+    from models import load_model
+    from util.checkpoint import load_checkpoint
+    data = toy_data.make_dataset(str(tmp_path / "data"), num_classes=2, num_train_per_class=4, num_val_per_class=2,
+                                 size=128, mode="L", unlabelled=True)
+    cfg = tmp_path / "grey128.json"
+    cfg.write_text(json.dumps(dict(
+        img_size_list=[128, 16, 4, 1], embed_dim_list=[32, 16, 16, 8], num_blocks_list=[1, 1, 1, 1],
+        num_heads_list=[2, 2, 2, 2], generator_type_list=["mar", "ar", "mar", "ar"], num_conds=1, in_channels=1,
+        sampling=dict(num_iter_list=[2, 16, 2]))))
+    out = tmp_path / "run"
+    common = ["--data_path", data, "--output_dir", out, "--device", "cpu", "--batch_size", 4, "--warmup_epochs", 1,
+              "--num_workers", 0, "--lr", "1e-2", "--lr_schedule", "constant", "--ema_rate", 0.9]
+    run_main("--model", cfg, "--epochs", 2, *common)
+    text = capsys.readouterr().out
+    assert "holds 8 images without class folders: one class" in text and "they are read as" not in text
+    os.remove(cfg)
+    resumed = run_main("--resume", out, "--epochs", 3, *common)["model"]
+    ckpt = load_checkpoint(str(out / "checkpoint-last.pth"))
+    assert ckpt["epoch"] == 2 and ckpt["config"]["in_channels"] == 1 and ckpt["config"]["class_num"] == 1
+    assert ckpt["model_ema"]["next_fractal.next_fractal.next_fractal.l_codebook.weight"].shape == (256, 8)
+    assert not all(torch.equal(v, ckpt["model"][k]) for k, v in ckpt["model_ema"].items())
+    assert resumed.config == ckpt["config"]
+
+    result = run_main("--resume", out, "--evaluate_nll", "--nll_bsz", 4, *common)
+    assert result["model"].weights == "ema" and "evaluating the EMA weights" in capsys.readouterr().out
+    nll = result["nll"]
+    assert nll["images"] == 4 and 0 < nll["bpd"] < 8
+    print(f"\nbits/dim grey unlabelled 128-16-4-1 mar/ar/mar, EMA weights, 3 epochs of 2 steps: {nll['bpd']:.4f}")
+
+    model = load_model(str(out))
+    assert model.weights == "ema" and model.class_num == 1 and model.sampling_config()["cfg"] == 1.0
+    assert all(torch.equal(v, ckpt["model_ema"][k]) for k, v in model.state_dict().items())
+    torch.manual_seed(0)
+    assert model.generate([0]).shape == (1, 1, 128, 128)
+    png = tmp_path / "grey.png"
+    sample.main(["--ckpt", str(out), "--output", str(png), "--scale", "1", "--device", "cpu"])
+    assert Image.open(png).mode == "L" and Image.open(png).size == (128 + 4, 128 + 4)
