@@ -156,9 +156,9 @@ def settings_text(settings):
 
 
 # ---------------------------------------------------------------------- uploads and masks
-def read_upload(path, size):
-    """An uploaded file -> uint8 (1, 3, size, size) as demo/sample.py --input reads it (short
-    side resized, centre crop). UserInputError with one sentence for a file that is not a
+def read_upload(path, size, channels=3):
+    """An uploaded file -> uint8 (1, C, size, size), C = `channels` (the model's in_channels),
+    as demo/sample.py --input reads it (short side resized, centre crop). UserInputError with one sentence for a file that is not a
     picture, too big, too small or too elongated for the model."""
     if not path:
         raise UserInputError("upload a picture first (PNG or JPEG)")
@@ -182,13 +182,13 @@ def read_upload(path, size):
             raise UserInputError(f"{name} is {w}x{h} pixels: the square centre crop the model needs would drop "
                                  f"more than half of it; crop it closer to a square first")
         try:
-            return load_image(img, size)
+            return load_image(img, size, channels)
         except (OSError, SyntaxError, ValueError) as e:  # PIL decodes now: a truncated or broken file
             raise UserInputError(f"{name} cannot be decoded ({one_line(e)}); upload a PNG or JPEG file") from None
 
 
 def editor_canvas(image):
-    """uint8 (1, 3, S, S) -> the painting canvas: the picture enlarged (nearest) to about
+    """uint8 (1, C, S, S) -> the painting canvas: the picture enlarged (nearest) to about
     EDITOR_SIZE pixels, as an ImageEditor value."""
     scale = max(1, EDITOR_SIZE // image.shape[-1])
     picture = np.asarray(to_pil(image[0], scale))
@@ -221,8 +221,8 @@ def known_mask_for(choice, editor_value, size, frac, side):
 
 # ---------------------------------------------------------------------- sampling
 def generate_steps(model, labels, seed, settings, known=None, known_mask=None, precision="auto"):
-    """Run model.generate in a worker thread, yielding ("step", canvas uint8 (B, 3, H, W),
-    step, total) after each top-level step and finally ("done", images uint8 (B, 3, H, W)).
+    """Run model.generate in a worker thread, yielding ("step", canvas uint8 (B, C, H, W),
+    step, total) after each top-level step and finally ("done", images uint8 (B, C, H, W)).
     Closing the generator early (the page went away) stops the sampling at the next step."""
     updates, cancel = queue.Queue(), threading.Event()
     device = next(model.parameters()).device
@@ -283,7 +283,7 @@ def complete_job(store, spec, upload, editor_value, mask_choice, frac, side, cho
     status line)."""
     try:
         model = store.get(spec)
-        image = read_upload(upload, model.img_size)
+        image = read_upload(upload, model.img_size, model.in_channels)
         known_mask = known_mask_for(mask_choice, editor_value, model.img_size, frac, side)
         label = parse_class(choice, model)
         seed = positive_int("seed", seed, minimum=0)
@@ -422,7 +422,7 @@ def build_app(store):
             canvas, note = gr.update(), ""
             if upload_value:
                 try:
-                    canvas = editor_canvas(read_upload(upload_value, model.img_size))
+                    canvas = editor_canvas(read_upload(upload_value, model.img_size, model.in_channels))
                 except UserInputError as e:
                     note = f" (the picture: {one_line(e)})"
             return (status_html(describe(model) + note), settings["cfg"], settings["temperature"],
@@ -434,7 +434,8 @@ def build_app(store):
             if not upload_value:
                 return None, ""
             try:
-                return editor_canvas(read_upload(upload_value, store.get(spec_value).img_size)), ""
+                model = store.get(spec_value)
+                return editor_canvas(read_upload(upload_value, model.img_size, model.in_channels)), ""
             except (UserInputError, DownloadError) as e:
                 return None, status_html(f"error: {one_line(e)}")
 

@@ -223,3 +223,23 @@ def test_without_ckpt_the_page_offers_the_checkpoints_it_finds(tmp_path, monkeyp
         (tmp_path / folder / "checkpoint-last.pth").write_bytes(b"")
     assert app.default_checkpoints() == ["quickstart_out/train", "pretrained_models/fractalar_in64",
                                          "pretrained_models/fractalmar_in64"]
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (4, "RGBA")])
+def test_a_grey_or_rgba_model_completes_an_upload_in_its_own_mode(channels, mode, tmp_path):
+    """A colour upload is read in the model's mode (L: luma; RGBA: opaque) and the
+    completion is a picture of that mode that keeps the known pixels."""
+    model = create_model("fractalar_tiny", class_num=2, in_channels=channels)
+    ckpt = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "config": model.config}, ckpt)
+    store = app.ModelStore([str(ckpt)], torch.device("cpu"))
+    upload = save(tmp_path, "in.png", picture())
+    updates = list(app.complete_job(store, str(ckpt), upload, None, "inpaint", 0.5, "right", "0", None, None, "2,2", 3))
+    shown, out, status = updates[-1]
+    assert status.startswith("done in") and out.mode == mode and shown.mode == mode
+    original = torch.from_numpy(np.array(Image.fromarray(picture()).convert(mode))).reshape(16, 16, -1).permute(2, 0, 1)
+    known = make_mask("inpaint", 16)[0, 0]
+    completed = torch.from_numpy(np.array(out)).reshape(16, 16, -1).permute(2, 0, 1)
+    assert completed.shape[0] == channels and torch.equal(completed[:, known], original[:, known])
+    canvas = app.editor_canvas(app.read_upload(upload, 16, channels))
+    assert canvas["background"].shape[:2] == (256, 256)
