@@ -312,7 +312,6 @@ def test_a_grey_or_rgba_folder_trains_resumes_evaluates_samples_and_reloads(mode
 
     nll = run_main("--resume", out, "--evaluate_nll", "--nll_bsz", 8, *common)["nll"]
     assert nll["images"] == 8 and 0 < nll["bpd"] < 4  # 8: a uniform guess
-    print(f"\nbits/dim toy shapes {mode} ({channels} channel(s), 8 epochs of 4 steps): {nll['bpd']:.4f}")
 
     gen = run_main("--resume", out, "--evaluate_gen", "--num_images", 4, "--gen_bsz", 4, "--fid_stats_path",
                    fid_stats, "--inception_weights", inception_weights, "--cfg", 2.0, "--temperature", 2.0, *common)
@@ -341,6 +340,8 @@ def test_a_grey_or_rgba_folder_trains_resumes_evaluates_samples_and_reloads(mode
     if mode == "RGBA":  # real transparency: the transparent background is generated as such
         alpha = images[:, 3]
         assert (alpha == 0).float().mean() > 0.5 and (alpha >= min(toy_data.SHAPE_ALPHAS)).any()
+    # last: a capsys.readouterr() after it would swallow it (shown with -s)
+    print(f"\nbits/dim toy shapes {mode} ({channels} channel(s), 8 epochs of 4 steps): {nll['bpd']:.4f}")
 
 
 @pytest.mark.parametrize("types", [("ar", "ar", "ar"), ("mar", "mar", "ar")], ids=["ar", "mar"])
