@@ -1,21 +1,28 @@
 """Training and evaluation loops: one epoch of training, bits/dim on the val set, and
 class-conditional generation scored with FID / Inception Score."""
 import argparse
+import glob
+import json
 import math
 import os
 import shutil
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 import util.lr_sched as lr_sched
 import util.misc as misc
 from models.checks import SAMPLING_KEYS
 from util import fid, preempt, validation
+from util.data import IMAGE_MODES
 from util.visualize import to_pil
 
 PRINT_FREQ = 20
 TRAIN_STREAM = 3  # last seed key of training steps (generation uses 1, NLL 2)
+GEN_STREAM = 1
+RECORD_SUFFIX = ".json"  # beside an --evaluate_gen folder: what its images depend on
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,38 +190,102 @@ def generation_args(model, args):
     return argparse.Namespace(**{**vars(args), **settings})
 
 
+ONLINE_PREFIX = "tmp-gen-"  # the folders of online evaluations, deleted after each
+
+
 def generation_folder(args, online):
-    name = (f"gen-iter{'-'.join(map(str, args.num_iter_list))}-cfg{args.cfg}{args.cfg_schedule}"
+    name = (f"iter{'-'.join(map(str, args.num_iter_list))}-cfg{args.cfg}{args.cfg_schedule}"
             f"-temp{args.temperature}-filter{args.filter_threshold}-image{args.num_images}")
-    return os.path.join(args.output_dir, ("tmp-" + name) if online else name)
+    return os.path.join(args.output_dir, (ONLINE_PREFIX if online else "gen-") + name)
+
+
+def remove_stale_online_folders(folder):
+    """Delete the online-evaluation folders a killed run left in `folder`; their names."""
+    stale = [name for name in os.listdir(folder)
+             if name.startswith(ONLINE_PREFIX) and os.path.isdir(os.path.join(folder, name))]
+    for name in stale:
+        with misc.writing(folder):
+            shutil.rmtree(os.path.join(folder, name))
+    return stale
 
 
 def save_png(image, path):
     """uint8 (C, H, W) tensor -> PNG of mode L, LA, RGB or RGBA (lossless, so FID sees
-    exactly the generated pixels). A failed write (disk full, no permission) names the
-    file and removes what was written."""
+    exactly the generated pixels), written to a temporary name and renamed: a PNG under its
+    final name is complete. A failed write (disk full, no permission) names the file and
+    leaves nothing behind."""
+    with misc.writing(path), misc.replacing(path) as tmp:
+        to_pil(image).save(tmp, format="PNG")
+
+
+def read_png(path, channels=3):
+    """A complete generated PNG of `channels` channels as uint8 (C, H, W), or None
+    (missing, damaged, or of another mode)."""
     try:
-        with misc.writing(path):
-            to_pil(image).save(path)
-    except misc.OutputWriteError:
-        if os.path.exists(path):
-            os.remove(path)
-        raise
+        with Image.open(path) as image:
+            if image.mode != IMAGE_MODES.get(channels):
+                return None
+            pixels = np.asarray(image)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)  # (H, W, C); grey PNGs read as (H, W)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
-def prepare_folder(folder):
-    """Create `folder` (rank 0) and empty it of PNGs: leftovers of an earlier run would
-    count in a later FID of the folder."""
+def prepare_folder(folder, record=None):
+    """Create `folder` (rank 0) and keep its PNGs only when they come from the same
+    generation: `record` (a JSON-able dict of everything the images depend on) equals the
+    one in `<folder>.json`. Otherwise the PNGs go (leftovers of other settings would count
+    in the FID) and the record is written. Temp files of killed writes always go. Returns
+    how many PNGs were kept (rank 0; 0 elsewhere)."""
+    kept = 0
     if misc.is_main_process():
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):
-            if name.endswith(".png"):
-                os.remove(os.path.join(folder, name))
+        with misc.writing(folder):
+            os.makedirs(folder, exist_ok=True)
+            for stale in glob.glob(os.path.join(glob.escape(folder), "*.png.tmp-*")):
+                os.remove(stale)
+            record_path = folder.rstrip(os.sep) + RECORD_SUFFIX
+            pngs = [name for name in os.listdir(folder) if name.endswith(".png")]
+            if record is not None and pngs and _read_record(record_path) == record:
+                kept = len(pngs)
+            else:
+                for name in pngs:
+                    os.remove(os.path.join(folder, name))
+                if pngs:
+                    misc.print0(f"removed {len(pngs)} images from {folder}: they were generated with other settings "
+                                f"or weights")
+                if record is not None:
+                    with misc.replacing(record_path) as tmp, open(tmp, "w") as f:
+                        json.dump(record, f, indent=1)
+        if kept:
+            misc.print0(f"{folder} holds {kept} images of an interrupted run with the same settings and weights: "
+                        f"generating only the missing ones")
     misc.barrier()
+    return kept
+
+
+def _read_record(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def generation_record(args, weights):
+    """What the images of an --evaluate_gen folder depend on: the weights (`weights`, a
+    fingerprint of the checkpoint), the seed, the sampling settings, the batch layout
+    (a batch is generated together; batches start at multiples of --gen_bsz whatever the
+    process count) and the numerics (precision, fast sampler)."""
+    return {"weights": weights, "model": args.model, "seed": args.seed, "num_images": args.num_images,
+            "class_num": args.class_num, "gen_bsz": args.gen_bsz, "num_iter_list": list(args.num_iter_list),
+            "cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "temperature": args.temperature,
+            "filter_threshold": args.filter_threshold, "img_size": args.img_size, "precision": args.precision,
+            "fast_sampling": str(getattr(args, "fast_sampling", "off")), "device_type": torch.device(args.device).type}
 
 
 @torch.no_grad()
-def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=None):
+def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=None, weights=None):
     """Generate args.num_images class-balanced images across all ranks, write them as
     PNGs and score them with FID and Inception Score against args.fid_stats_path (plus
     precision/recall with args.prc_ref_dir).
@@ -226,6 +297,10 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=Non
     scorer: a util.fid.Scorer to reuse (a sweep scores many settings with one); None
     builds one from args. Sampling settings args leaves at None are the model's
     (generation_args), in the folder name and the TensorBoard tags too.
+    An interrupted --evaluate_gen resumes: the PNGs already in the folder are kept when
+    `weights` (a fingerprint of the checkpoint; None: nothing is kept) and every setting
+    the images depend on are the same (generation_record), and only the missing ones are
+    generated, each batch with the random stream it has in an uninterrupted run.
     Returns {'fid', 'inception_score', ..., 'sec_per_image', 'folder'} on rank 0 and
     {'sec_per_image', 'folder'} elsewhere."""
     device = torch.device(args.device)
@@ -237,7 +312,7 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=Non
         misc.print0(f"FID / Inception Score of {model.in_channels}-channel images: Inception sees them "
                     f"{fid.rgb_view(model.in_channels)} (util.fid.inception_rgb), as util.fid_stats does to "
                     f"reference images")
-    prepare_folder(folder)
+    prepare_folder(folder, None if online or weights is None else generation_record(args, weights))
     if scorer is None:
         scorer = fid.Scorer(device, args.fid_stats_path, args.inception_weights, args.prc_ref_dir,
                             img_size=args.img_size, num_workers=min(args.num_workers, 8))
@@ -264,19 +339,29 @@ def evaluate_gen(model, args, epoch=0, log_writer=None, online=False, scorer=Non
 
 def generate_images(model, args, epoch, folder, features):
     """This rank's share of the images: generated, written to `folder` as PNGs and added
-    to `features` (a FeatureBank). Returns the seconds per image per process, all ranks
-    averaged (the first batch, which pays for warm-up, is timed apart)."""
+    to `features` (a FeatureBank). Each batch draws from its own random stream, keyed by
+    its first image id, so a batch whose PNGs are all in the folder already (an
+    interrupted run) is read instead of generated and the others come out as they would
+    have. Returns the seconds per image per process, all ranks averaged (the first batch,
+    which pays for warm-up, is timed apart)."""
     device = torch.device(args.device)
     rank, world_size = misc.get_rank(), misc.get_world_size()
-    misc.seed_everything(args.seed, rank, epoch, 1)  # sampling stream per rank, independent of training's
     labels = generation_labels(args.num_images, args.class_num)
     digits = max(5, len(str(args.num_images - 1)))
     batches = list(rank_batches(args.num_images, args.gen_bsz, rank, world_size))
     timed_seconds = timed_images = 0.0
-    first_seconds = first_images = 0.0
-    for step, ids in enumerate(misc.progress(batches, "Generation", unit="batch")):
+    first_seconds = first_images = None
+    kept = 0
+    for ids in misc.progress(batches, "Generation", unit="batch"):
         if len(ids) == 0:
             continue
+        paths = [os.path.join(folder, f"{image_id:0{digits}d}.png") for image_id in ids]
+        done = [read_png(path, model.in_channels) for path in paths]
+        if all(image is not None for image in done):
+            features.add(torch.stack(done), ids)
+            kept += len(ids)
+            continue
+        misc.seed_everything(args.seed, epoch, GEN_STREAM, ids.start)
         misc.synchronize(device)
         start = time.perf_counter()
         with misc.autocast(device, args.precision):
@@ -286,22 +371,24 @@ def generate_images(model, args, epoch, folder, features):
                                     fast=validation.fast_sampler(getattr(args, "fast_sampling", "off")))
         misc.synchronize(device)
         seconds = time.perf_counter() - start
-        if step == 0:
+        if first_seconds is None:
             first_seconds, first_images = seconds, len(ids)
         else:
             timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(ids)
         features.add(images, ids)  # (B, C, H, W) uint8, the very pixels the PNGs hold
-        for image, image_id in zip(images.cpu(), ids):
-            save_png(image, os.path.join(folder, f"{image_id:0{digits}d}.png"))
+        for image, path, old in zip(images.cpu(), paths, done):
+            if old is None:
+                save_png(image, path)
 
-    timed_seconds, timed_images, first_seconds, first_images = misc.all_reduce_sum(
-        [timed_seconds, timed_images, first_seconds, first_images], device)
+    timed_seconds, timed_images, first_seconds, first_images, kept = misc.all_reduce_sum(
+        [timed_seconds, timed_images, first_seconds or 0.0, first_images or 0, kept], device)
     if timed_images:
         sec_per_image = timed_seconds / timed_images
         note = "first batch excluded"
     else:  # a single batch per rank: nothing left to time without warm-up
         sec_per_image = first_seconds / max(first_images, 1)
         note = "single batch, includes warm-up"
-    misc.print0(f"generated {args.num_images} images into {folder}: {sec_per_image:.4f} s per image per "
+    resumed = f", {int(kept)} of them kept from an interrupted run" if kept else ""
+    misc.print0(f"generated {args.num_images} images into {folder}{resumed}: {sec_per_image:.4f} s per image per "
                 f"process ({note}; {world_size} process(es))")
     return sec_per_image

@@ -12,23 +12,30 @@ Other code can call `main(get_args_parser().parse_args([...]))` in-process.
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 import time
 
-import torch
+if __name__ == "__main__":  # a signal during the seconds of imports below: main() stops with one line
+    from util import preempt as _startup_signals
+    _startup_signals.install("startup")
+
+import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel
 
 import util.misc as misc
 from engine_fractalgen import (STEP_TAGS, NonFiniteLossError, TrainingStopped, evaluate_gen, evaluate_nll,
-                               sampling_flags, step_axis, train_one_epoch)
+                               remove_stale_online_folders, sampling_flags, step_axis, train_one_epoch)
 from models import CONFIGS, CheckpointMismatchError, create_model
 from models import sampling as provenance
 from models.config import SAMPLING, config_name, is_config_file
-from models.loading import CONFIG, EMA_KEY, SAMPLING_SOURCE, checkpoint_config, checkpoint_sampling, stored_sampling
+from models.fractalgen import check_state_dict
+from models.loading import (CONFIG, EMA_KEY, SAMPLING_SOURCE, checkpoint_args, checkpoint_config,
+                            checkpoint_sampling, stored_sampling)
 from util import checkpoint as ckpt_util
 from util import data as data_util
-from util import cli, fid, logs, memory, preempt, validation
+from util import claim, cli, fid, logs, memory, preempt, validation
 from util.ema import EMA
 from util.misc import UserInputError, print0
 
@@ -131,6 +138,9 @@ def get_args_parser():
              "(the default on CUDA; docs/training.md)")
     add("--no_save_thread", dest="save_thread", action="store_false",
         help="write checkpoints in the training loop (the default on CPU)")
+    add("--allow_recipe_change", action="store_true",
+        help="resume although the learning-rate recipe (lr, min_lr, schedule, warm-up, weight decay, gradient "
+             "clipping) differs from the checkpoint's; without it such a resume stops with one line")
     add("--requeue_exit_code", default=0, type=int,
         help="exit code after a stop by SIGTERM / SIGUSR1 / SIGINT (the state is checkpointed); e.g. set 3 "
              "and requeue the SLURM job when srun returns 3")
@@ -166,38 +176,13 @@ def get_args_parser():
 
 # ---------------------------------------------------------------------- checks and set-up
 def check_args(args):
-    """Cheap checks of the flags alone, before anything is read or written."""
-    positive = dict(batch_size=args.batch_size, epochs=args.epochs, gen_bsz=args.gen_bsz,
-                    num_images=args.num_images, nll_bsz=args.nll_bsz,
-                    nll_forward_number=args.nll_forward_number, eval_freq=args.eval_freq,
-                    save_last_freq=args.save_last_freq)
-    for name, value in positive.items():
-        validation.positive_int(f"--{name}", value)
-    if args.class_num is not None:
-        validation.positive_int("--class_num", args.class_num)
+    """Cheap checks of the flags alone (util.validation: every number in its range, the
+    device), before the process group starts and anything is read or written."""
     if args.num_workers is None:
         args.num_workers = cli.default_num_workers()
-    validation.positive_int("--num_workers", args.num_workers, minimum=0)
-    args.num_iter_list = validation.parse_num_iter_list(args.num_iter_list)
-    validation.check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
-    validation.finite_positive("--blr", args.blr)
-    if args.lr is not None:
-        validation.finite_positive("--lr", args.lr)
-    for name in ("min_lr", "weight_decay", "grad_clip"):
-        validation.finite_nonnegative(f"--{name}", getattr(args, name))
+    validation.check_main_flags(args)
     if args.ema_rate is not None:
         args.ema_rate = validation.ema_rate("--ema_rate", args.ema_rate)
-
-
-def check_long_run_args(args):
-    """The step-checkpoint, exit-code and timeout flags (checked before the process group
-    starts, since --dist_timeout configures it)."""
-    validation.positive_int("--save_every_steps", args.save_every_steps, minimum=0)
-    validation.finite_nonnegative("--save_every_min", args.save_every_min)
-    validation.finite_positive("--dist_timeout", args.dist_timeout)
-    if not 0 <= args.requeue_exit_code <= 255:
-        raise UserInputError(f"--requeue_exit_code must be between 0 and 255 (a process exit status), "
-                             f"got {args.requeue_exit_code}")
 
 
 def resolve_config(args, ckpt, path):
@@ -262,6 +247,17 @@ def check_before_training(model, dataset, args, device):
     if misc.all_reduce_sum([float(error is not None)], device)[0]:
         raise error or UserInputError("another process's memory estimate says training cannot fit; its message "
                                       "says by how much")
+
+
+def resolve_lr(args):
+    """args.lr: --lr, else --blr x effective batch / 256 (the official rule); checked with
+    --weight_decay before anything is read or written."""
+    eff_batch = args.batch_size * misc.get_world_size()
+    origin = "--lr"
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+        origin = f"--blr {args.blr:g} x effective batch {eff_batch} / 256"
+    validation.check_learning_rate(args.lr, args.weight_decay, origin)
 
 
 def check_img_size(args, record=None):
@@ -343,6 +339,20 @@ def check_generation(args, model):
         fid.check_prc_ref_dir(args.prc_ref_dir, args.num_images)
 
 
+def claim_output_dir(args, device):
+    """Rank 0 claims --output_dir (util.claim: one writer per folder) before anything is
+    read or written there; a refusal stops every rank. Returns the Claim (None elsewhere)."""
+    held = []
+
+    def take():
+        held.append(claim.claim(args.output_dir))
+        if held[0].took_over:
+            print0(f"{args.output_dir} was claimed by a run that ended without giving it up "
+                   f"({held[0].took_over}); taking it over")
+    misc.rank0_first(take, "claim --output_dir", device, then_others=False)
+    return held[0] if held else None
+
+
 def load_model_state(model, ckpt, path, args, training):
     """The checkpoint's weights into `model`: evaluation takes its EMA weights (model_ema)
     when it has them, unless --no_ema; training takes the raw ones (its EMA is kept apart,
@@ -351,9 +361,7 @@ def load_model_state(model, ckpt, path, args, training):
     try:
         model.load_state_dict(ckpt[EMA_KEY if use_ema else "model"])
     except CheckpointMismatchError as e:
-        trained = ckpt_util.checkpoint_model_name(ckpt)
-        origin = f" (it was saved by --model {trained})" if trained and trained != args.model else ""
-        raise UserInputError(f"{path} does not fit --model {args.model}{origin}: {e}") from None
+        raise mismatch_error(e, ckpt, path, args) from None
     model.weights = "ema" if use_ema else "raw"
     model.checkpoint_path = path
     if not training and EMA_KEY in ckpt:
@@ -424,6 +432,33 @@ def start_ema(model, ckpt, path, args):
     return ema
 
 
+def mismatch_error(e, ckpt, path, args):
+    trained = ckpt_util.checkpoint_model_name(ckpt)
+    if trained and trained != args.model:  # that says it all
+        return UserInputError(f"{path} does not fit --model {args.model}: it was saved by --model {trained}")
+    return UserInputError(f"{path} does not fit --model {args.model}: {e}")
+
+
+def check_fits_model(args, record):
+    """load_latest_checkpoint's check: the checkpoint holds weights of --model's `record`
+    (compared on the meta device, so another model's checkpoint-last.pth falls back to
+    checkpoint-prev.pth). None without --model: the checkpoint then says what it holds."""
+    if record is None:
+        return None
+
+    def check(ckpt, path):
+        kwargs = dict(model_kwargs(args, record),
+                      class_num=args.class_num or ckpt_util.checkpoint_class_num(ckpt) or 1)
+        try:
+            with torch.device("meta"):
+                check_state_dict(create_model(record, **kwargs), ckpt["model"])
+        except CheckpointMismatchError as e:
+            raise mismatch_error(e, ckpt, path, args) from None
+        except ValueError:  # a keyword the factory rejects: build_model says so later
+            return
+    return check
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases and 1-D parameters (norms, scalars);
     [no-decay, decay] in that order, as in the official optimizer state."""
@@ -464,15 +499,65 @@ def restore_training_state(ckpt, path, optimizer, scaler, args, steps_per_epoch)
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     args.start_epoch = position["epoch"]
-    if position["step"] and position["steps_per_epoch"] != steps_per_epoch:
-        # another batch size, process count or dataset: the rest of the epoch is not defined
-        print0(f"warning: {path} stopped after step {position['step']} of {position['steps_per_epoch']} in epoch "
-               f"{position['epoch']}, but an epoch now has {steps_per_epoch} steps (other --batch_size, process "
-               f"count or data); restarting epoch {position['epoch']} from its first step")
-        position.update(step=0, meters=None)
     where = f"step {position['step']} of epoch {position['epoch']}" if position["step"] else f"epoch {args.start_epoch}"
-    print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {where}")
+    done = f"epoch {ckpt['epoch']} done" if ckpt["epoch"] >= 0 else "in its first epoch"
+    print0(f"resumed {path}: {done}, continuing at {where}")
     return position
+
+
+# what the learning rate at each step depends on: a resume that changes one of these
+# trains on with another recipe than the run it continues
+RECIPE_FLAGS = ("lr", "min_lr", "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip")
+
+
+def check_resume_changes(ckpt, path, args, num_train_images, steps_per_epoch):
+    """Compare this run with the one that wrote `ckpt` (its args and train_state), before
+    anything is written. Another data order (--seed, the number of training images, the
+    batch layout) is said in one line; a checkpoint in the middle of an epoch then resumes
+    at the start of that epoch (the rest of the old order is not defined), by setting its
+    position to step 0. Another learning-rate recipe stops the run with one line, unless
+    --allow_recipe_change (then it is said). Another --epochs (cosine schedule) is said."""
+    saved, state = checkpoint_args(ckpt), dict(ckpt.get("train_state") or {})
+    if "optimizer" not in ckpt or "epoch" not in ckpt:  # weights only: a fresh start, nothing continues
+        return
+    order = _changes([("--seed", saved.get("seed"), args.seed),
+                      ("training images", state.get("num_train_images"), num_train_images),
+                      ("--batch_size", state.get("batch_size", saved.get("batch_size")), args.batch_size),
+                      ("processes", state.get("world_size", saved.get("world_size")), misc.get_world_size()),
+                      ("steps per epoch", state.get("steps_per_epoch"), steps_per_epoch)])
+    recipe = _changes([(("" if name == "lr" else "--") + name, saved.get(name), getattr(args, name))
+                       for name in RECIPE_FLAGS])
+    if recipe and not args.allow_recipe_change:
+        raise UserInputError(f"{path} was trained with another recipe ({', '.join(recipe)}): resuming would train "
+                             f"on with other learning rates than the run it continues; rerun with its values, or "
+                             f"pass --allow_recipe_change to go on with the new ones")
+    if recipe:
+        print0(f"warning: training on from {path} with another recipe: {', '.join(recipe)}")
+    epochs = _changes([("--epochs", saved.get("epochs"), args.epochs)])
+    if epochs and args.lr_schedule == "cosine":
+        print0(f"note: {epochs[0]} stretches the cosine learning-rate schedule of {path} from here on")
+    if not order:
+        return
+    position = resume_position(ckpt, args)
+    if position["step"]:
+        print0(f"warning: {path} stopped after step {position['step']} of epoch {position['epoch']}, but the data "
+               f"order differs now ({', '.join(order)}), so the rest of that epoch is not defined; restarting epoch "
+               f"{position['epoch']} from its first step")
+        ckpt["train_state"] = dict(state, step=0, meters=None)
+    else:
+        print0(f"note: the data order differs from the run {path} continues ({', '.join(order)}), from epoch "
+               f"{position['epoch']} on")
+
+
+def _changes(pairs):
+    """'name old -> new' for each (name, old, new) that differs (None: unknown, skipped)."""
+    def differs(old, new):
+        if isinstance(old, float) or isinstance(new, float):
+            return not math.isclose(float(old), float(new), rel_tol=1e-9)
+        return old != new
+    return [f"{name} {old:g} -> {new:g}" if isinstance(old, float) or isinstance(new, float) else
+            f"{name} {old} -> {new}" for name, old, new in pairs
+            if old is not None and new is not None and differs(old, new)]
 
 
 class Checkpoints:
@@ -491,9 +576,10 @@ class Checkpoints:
     file changed since this run's last save). A one-class model without them gets cfg 1
     (no guidance). `carried`: (settings, source) of the checkpoint resumed from, or None."""
 
-    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None, ema=None, carried=None):
+    def __init__(self, model, optimizer, scaler, args, meters=None, log_writer=None, ema=None, carried=None,
+                 num_train_images=None):
         self.model, self.optimizer, self.scaler, self.args, self.ema = model, optimizer, scaler, args, ema
-        self.log_writer = log_writer
+        self.log_writer, self.num_train_images = log_writer, num_train_images
         self.path = os.path.join(args.output_dir, ckpt_util.CHECKPOINT_NAME)
         background = args.save_thread if args.save_thread is not None else torch.device(args.device).type == "cuda"
         self.writer = ckpt_util.CheckpointWriter(background=background)
@@ -554,7 +640,8 @@ class Checkpoints:
         if misc.is_main_process():
             if self.log_writer is not None:  # events up to this point must survive a kill after it
                 self.log_writer.flush()
-            train_state.update(world_size=misc.get_world_size(), batch_size=self.args.batch_size)
+            train_state.update(world_size=misc.get_world_size(), batch_size=self.args.batch_size,
+                               num_train_images=self.num_train_images)
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "epoch": epoch_done, "scaler": self.scaler.state_dict(),
                      "args": argparse.Namespace(**vars(self.args)), "train_state": train_state,
@@ -603,7 +690,8 @@ def build_loaders(args, dataset_train, dataset_val):
     if dataset_val is not None:
         sampler = data_util.ShardSampler(len(dataset_val), rank, world_size)
         loaders["val"] = torch.utils.data.DataLoader(dataset_val, sampler=sampler, batch_size=args.nll_bsz,
-                                                     num_workers=args.num_workers, pin_memory=pin)
+                                                     num_workers=args.num_workers, pin_memory=pin,
+                                                     worker_init_fn=preempt.worker_init)
     return loaders
 
 
@@ -614,11 +702,15 @@ def main(args):
     'stopped': {'epoch', 'step', 'steps', 'signal', 'checkpoint'}}. Bad input raises
     SystemExit with one sentence and writes nothing."""
     held = {}  # what run() opened: closed here, also after an error
-    if not (args.evaluate_gen or args.evaluate_nll):  # evaluation keeps Ctrl-C = stop now
-        preempt.install()
+    evaluating = args.evaluate_gen or args.evaluate_nll
+    preempt.install("now" if evaluating else "step")  # evaluation: a signal stops at once
     try:
-        check_long_run_args(args)
+        if preempt.requested():  # during the imports (script_main): nothing started yet
+            return {"args": args, "stopped": report_early_stop(preempt.requested(), "during start-up")}
+        check_args(args)
         device = misc.init_distributed_mode(args)
+        if args.distributed:
+            preempt.watch_launcher()
         result = run(args, device, held)
         if "checkpoints" in held:
             held["checkpoints"].wait()
@@ -626,7 +718,14 @@ def main(args):
         return result
     except TrainingStopped as stop:
         held["checkpoints"].wait()  # the checkpoint of this point is on disk before we exit
+        if stop.step is None:
+            return {"args": args, "stopped": report_early_stop(stop.signal_name, "before the first training step")}
         return {"args": args, "stopped": report_stop(stop, held["checkpoints"].path, args)}
+    except preempt.Terminated as stop:  # SIGTERM / SIGUSR1 in evaluation
+        what = ("; complete images are kept: rerun the same command to generate only the missing ones"
+                if args.evaluate_gen else "; rerun the same command to evaluate")
+        print(f"rank {misc.get_rank()}: stopped by {stop.args[0]} during evaluation{what}", flush=True)
+        return {"args": args, "stopped": {"signal": stop.args[0]}}
     except (UserInputError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {misc.one_line(e)}") from None
     except KeyboardInterrupt:  # Ctrl-C in evaluation, or a second one in training: stop now
@@ -634,11 +733,14 @@ def main(args):
               f"{args.output_dir} are intact)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except RuntimeError as e:
-        if not (misc.is_dist() and "timed out" in str(e).lower()):
+        failure = misc.collective_failure(e) if misc.is_dist() else None
+        if failure is None:
             raise
-        raise SystemExit(f"error: rank {misc.get_rank()}: no answer from the other processes within --dist_timeout "
-                         f"{args.dist_timeout:g} min (one stalled or died; see its log); stopping. The last "
-                         f"checkpoint in {args.output_dir} is intact: resume with --resume {args.output_dir}") from None
+        why = (f"no answer from the other processes within --dist_timeout {args.dist_timeout:g} min (one stalled or "
+               f"died; see its log)" if failure == "timeout" else
+               "lost the connection to another process (it died or was killed; see its log)")
+        raise SystemExit(f"error: rank {misc.get_rank()}: {why}; stopping. The last checkpoint in {args.output_dir} "
+                         f"is intact: resume with --resume {args.output_dir}") from None
     finally:
         close_held(held)
         misc.cleanup_distributed()
@@ -646,17 +748,27 @@ def main(args):
 
 
 def close_held(held):
-    """Finish a background checkpoint write and close TensorBoard; an error here is
-    reported only when nothing else went wrong first."""
+    """Finish a background checkpoint write, close TensorBoard and give up the claim on
+    --output_dir; an error here is reported only when nothing else went wrong first."""
     pending = sys.exc_info()[1] is not None
-    for name in ("checkpoints", "log_writer"):
-        if name not in held:
+    first_error = None
+    for name, finish in (("checkpoints", "wait"), ("log_writer", "close"), ("claim", "release")):
+        if held.get(name) is None:
             continue
         try:
-            held.pop(name).wait() if name == "checkpoints" else held.pop(name).close()
+            getattr(held.pop(name), finish)()
         except UserInputError as e:
-            if not pending:
-                raise SystemExit(f"error: {misc.one_line(e)}") from None
+            first_error = first_error or e
+    if first_error is not None and not pending:
+        raise SystemExit(f"error: {misc.one_line(first_error)}") from None
+
+
+def report_early_stop(signal_name, when):
+    """One line for a stop before anything was trained or written; the details."""
+    why = f"stopped by {signal_name}" if signal_name else "stopped (another process was signalled)"
+    print(f"rank {misc.get_rank()}: {why} {when}; nothing was trained or saved. To go on, rerun the same command",
+          flush=True)
+    return {"signal": signal_name, "checkpoint": None}
 
 
 def report_stop(stop, path, args):
@@ -671,31 +783,35 @@ def report_stop(stop, path, args):
 
 
 def open_outputs(args, ckpt, training, steps_per_epoch):
-    """Rank 0: create --output_dir, clear temp files of killed saves, rewind the logs of a
-    resumed run (--resume given), and open TensorBoard. Returns the LogWriter (None on other ranks)."""
+    """Rank 0, in --output_dir (claimed, so it exists): clear temp files of killed saves, rewind
+    the logs of a resumed run (--resume given), and open TensorBoard. Returns the LogWriter
+    (None on other ranks)."""
     if not misc.is_main_process():
         return None
-    with misc.writing(args.output_dir):
-        os.makedirs(args.output_dir, exist_ok=True)
     if training:
         stale = ckpt_util.remove_stale_temp_files(args.output_dir)
         if stale:
             print0(f"removed {', '.join(stale)} from {args.output_dir} (left by a save that was killed)")
+        stale = remove_stale_online_folders(args.output_dir)
+        if stale:
+            print0(f"removed {', '.join(stale)} from {args.output_dir} (left by an online evaluation that was killed)")
         if args.resume:  # also a fresh start in a folder a run died in before its first checkpoint
             rewind_logs(args, ckpt, steps_per_epoch)
-    return logs.LogWriter(args.log_dir or args.output_dir)
+    return logs.LogWriter(args.log_dir or args.output_dir, "--log_dir" if args.log_dir else "--output_dir")
 
 
 def run(args, device, held):
     training = not (args.evaluate_gen or args.evaluate_nll)
     generating = args.evaluate_gen or (training and args.online_eval)
-    check_args(args)
     if args.threads is not None:
         cli.set_threads(args.threads)
     args.precision = misc.resolve_precision(args.precision, device)
     record = validation.check_model(args.model) if args.model is not None else None
     if record is not None:
         probe = check_img_size(args, record)
+    if training:
+        resolve_lr(args)
+    held["claim"] = claim_output_dir(args, device)
 
     # inputs: data folders, checkpoint, model -- all checked before anything is written
     if training:
@@ -703,7 +819,8 @@ def run(args, device, held):
     if args.evaluate_nll:
         data_util.split_dir(args.data_path, "val")
     path = find_resume_checkpoint(args, training)
-    ckpt, path = ckpt_util.load_latest_checkpoint(path, use_previous=training) if path else (None, None)
+    ckpt, path = (ckpt_util.load_latest_checkpoint(path, use_previous=training, check=check_fits_model(args, record))
+                  if path else (None, None))
     if record is None:
         record = resolve_config(args, ckpt, path)
         probe = check_img_size(args, record)
@@ -744,6 +861,8 @@ def run(args, device, held):
     if notice:
         print0(notice)
     steps_per_epoch = len(loaders["train"]) if training else None
+    if training and ckpt is not None:
+        check_resume_changes(ckpt, path, args, len(dataset_train), steps_per_epoch)
     log_writer = held["log_writer"] = open_outputs(args, ckpt, training, steps_per_epoch)
     if log_writer is None:
         held.pop("log_writer")
@@ -754,7 +873,7 @@ def run(args, device, held):
         if args.evaluate_nll:
             result["nll"] = evaluate_nll(model, loaders["val"], args, log_writer=log_writer)
         if args.evaluate_gen:
-            result["gen"] = evaluate_gen(model, args, log_writer=log_writer)
+            result["gen"] = evaluate_gen(model, args, log_writer=log_writer, weights=ckpt_util.fingerprint(path))
         return result
 
     ema = start_ema(model, ckpt, path, args)
@@ -770,8 +889,6 @@ def train(model, ckpt, path, loader, args, device, log_writer, held, ema=None):
     once its checkpoint is written."""
     world_size = misc.get_world_size()
     eff_batch = args.batch_size * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
     print0(f"effective batch {eff_batch}; base lr {args.lr * 256 / eff_batch:.2e}, actual lr {args.lr:.2e}")
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -780,7 +897,7 @@ def train(model, ckpt, path, loader, args, device, log_writer, held, ema=None):
     carried = carried_sampling(ckpt, path, model.num_fractal_levels - 1) if ckpt is not None else None
     del ckpt
     checkpoints = held["checkpoints"] = Checkpoints(model, optimizer, scaler, args, position["meters"],
-                                                         log_writer, ema, carried)
+                                                         log_writer, ema, carried, num_train_images=len(loader.dataset))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -793,6 +910,9 @@ def train(model, ckpt, path, loader, args, device, log_writer, held, ema=None):
         print0(f"nothing to train: epoch {args.start_epoch} is past --epochs {args.epochs}")
         return stats
     print0(f"training epochs {args.start_epoch}..{args.epochs - 1}, {steps} steps each")
+    # a stop asked for during the start-up (any rank): before the first step, nothing to save
+    if misc.all_reduce_sum([float(preempt.requested() is not None)], device)[0]:
+        raise TrainingStopped(args.start_epoch, None, steps, preempt.requested())
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         start_step = position["step"] if epoch == args.start_epoch else 0

@@ -43,8 +43,21 @@ def finite_nonnegative(flag, value):
     return x
 
 
-def positive_int(flag, value, minimum=1):
-    """A whole number >= minimum (an int, or a float or string holding one; not a bool)."""
+def number_in(flag, value, low, high, interval="[]", why=""):
+    """A finite float in the interval from low to high, whose ends `interval` gives as in
+    mathematics: "[)" includes low and excludes high."""
+    x = _number(flag, value)
+    above = x >= low if interval[0] == "[" else x > low
+    below = x <= high if interval[1] == "]" else x < high
+    if not (math.isfinite(x) and above and below):
+        raise UserInputError(f"{flag} must be a number in {interval[0]}{low:g}, {high:g}{interval[1]}{why}, "
+                             f"got {value}")
+    return x
+
+
+def positive_int(flag, value, minimum=1, maximum=None, why=""):
+    """A whole number >= minimum (and <= maximum; `why` says why, e.g. " (a C int)") -- an
+    int, or a float or string holding one; not a bool."""
     if isinstance(value, bool):
         raise UserInputError(f"{flag} must be a whole number, got {value!r}")
     if not isinstance(value, int):
@@ -56,6 +69,8 @@ def positive_int(flag, value, minimum=1):
             raise UserInputError(f"{flag} must be a whole number, got {value!r}") from None
     if value < minimum:
         raise UserInputError(f"{flag} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise UserInputError(f"{flag} must be at most {maximum}{why}, got {value}")
     return value
 
 

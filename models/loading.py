@@ -5,7 +5,8 @@
 
 It takes an official checkpoint (a file, its folder, or the model's name; `download=True`
 fetches a missing one), a checkpoint main_fractalgen.py wrote, or the quick start's. The
-file is read with `torch.load(weights_only=True)` (`load_checkpoint`). The architecture is
+file is read with `torch.load(weights_only=True)` (`load_checkpoint`), after every record
+of its zip container is checked against the CRC-32 torch.save stored with it. The architecture is
 the checkpoint's own configuration record (its 'config' entry, which main_fractalgen.py
 writes), so no other file is needed; an official checkpoint has none, and then it comes
 from `model=` (a name or a JSON file), else the checkpoint's 'args', else the folder name
@@ -23,10 +24,12 @@ DEFAULT_SAMPLING); models.sampling says the order and why. They become the defau
 `model.generate`; `model.sampling_origins()` says where each came from.
 """
 import argparse
+import mmap as memory_map
 import os
 import pickle
 import re
 import zipfile
+import zlib
 
 import torch
 
@@ -86,24 +89,100 @@ def safe_load(path, what, allowed=(), mmap=False):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message goes on to suggest weights_only=False: never pass that advice on
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL (\S+?)(?: whose | was |\s|$)", str(e))
+        if found is None and not any(words in str(e) for words in _OBJECT_REFUSALS):
+            # no class in sight: bytes that are no pickle torch.save wrote
+            raise DamagedFileError(f"cannot read {what} {path}: it is damaged or not a PyTorch file "
+                                   f"({_first_line(e)})") from None
         culprit = f" (it references {found.group(1)})" if found else ""
         kinds = ", ".join(["tensors", "plain containers", *(f"{c.__module__}.{c.__qualname__}" for c in allowed)])
         raise UserInputError(f"refusing to load {what} {path}: it holds objects other than {kinds}{culprit}, "
                              f"which could run code when unpickled; use a file that holds only those") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        text = str(e).strip()
-        raise UserInputError(f"cannot read {what} {path} (truncated or not a PyTorch file?): "
-                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 -- weights_only loading runs no code: any failure means bad bytes
+        raise DamagedFileError(f"cannot read {what} {path}: it is truncated, damaged or not a PyTorch file "
+                               f"({_first_line(e)})") from None
 
 
-def load_checkpoint(path, mmap=False):
+# how torch's weights-only unpickler refuses an object it does not allow (besides a GLOBAL)
+_OBJECT_REFUSALS = ("Can only create new object", "Can only build")
+
+
+class DamagedFileError(UserInputError):
+    """A file whose bytes are not what was written: truncated, a checksum mismatch, garbage."""
+
+
+def _first_line(exc):
+    """The reason in an exception's message, short: torch's unpickler error says it after
+    'WeightsUnpickler error:' (its first lines advise weights_only=False, never passed
+    on); other messages say it in their first sentence."""
+    text = str(exc).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    line = found.group(1) if found else (text.splitlines()[0] if text else "")
+    line = line.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def verify_zip_records(path, what="checkpoint"):
+    """Check every record of a torch.save zip file against the CRC-32 stored with it
+    (torch.load itself does not), reading the file once through a memory map. Raises
+    DamagedFileError naming the first record that differs. Files that are not zip
+    archives (the legacy format has no checksums) and files written with torch's CRC
+    computation switched off (every stored CRC 0) are not checked; torch.load reports
+    those that are damaged."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                archive = zipfile.ZipFile(f)
+            except zipfile.BadZipFile:
+                return
+            with archive, memory_map.mmap(f.fileno(), 0, access=memory_map.ACCESS_READ) as data:
+                records = archive.infolist()
+                if all(info.CRC == 0 for info in records):
+                    return
+                for info in records:
+                    if _record_crc(archive, data, info) != info.CRC:
+                        raise DamagedFileError(f"{what} {path} is damaged: its record {info.filename} does not "
+                                               f"match the CRC-32 checksum stored with it (a changed byte)")
+    except DamagedFileError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
+        raise DamagedFileError(f"cannot read {what} {path}: it is truncated, damaged or not a PyTorch file "
+                               f"({_first_line(e)})") from None
+
+
+def _record_crc(archive, data, info):
+    """CRC-32 of one record's bytes; a stored (uncompressed) record, as torch writes them,
+    straight from the memory map, without copying."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        crc = 0
+        try:
+            with archive.open(info) as f:  # checks the CRC itself at the end
+                while chunk := f.read(1 << 24):
+                    crc = zlib.crc32(chunk, crc)
+        except (zipfile.BadZipFile, EOFError, NotImplementedError):
+            return None
+        return crc
+    header = info.header_offset
+    if data[header:header + 4] != b"PK\x03\x04":
+        return None
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + \
+        int.from_bytes(data[header + 28:header + 30], "little")
+    if start + info.compress_size > len(data):
+        return None
+    with memoryview(data) as view:
+        return zlib.crc32(view[start:start + info.compress_size])
+
+
+def load_checkpoint(path, mmap=False, verify=True):
     """Load a checkpoint dict on the CPU with weights_only=True (argparse.Namespace
-    allowed; mmap: see safe_load). Raises UserInputError with one sentence for a missing,
-    corrupt or unsafe file."""
+    allowed; mmap: see safe_load), after checking its records against their CRC-32
+    (`verify`). Raises UserInputError with one sentence for a missing, damaged or unsafe
+    file (DamagedFileError for bytes that are not what was written)."""
     if not os.path.isfile(path):
         raise UserInputError(f"no checkpoint at {path}; pass --resume with the folder that holds "
                              f"{CHECKPOINT_NAME} (or the file itself)")
+    if verify:
+        verify_zip_records(path)
     ckpt = safe_load(path, "checkpoint", SAFE_GLOBALS, mmap=mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserInputError(f"{path} is not a FractalGen checkpoint: expected a dict with a 'model' "

@@ -92,6 +92,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def main_in_one_thread(argv):
+    """main_fractalgen.main on command-line style arguments with one intra-op thread, for
+    module-scoped fixtures (which cannot use the one_thread fixture)."""
+    from main_fractalgen import get_args_parser, main
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(get_args_parser().parse_args([str(a) for a in argv]))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def run_main(one_thread):
     """Call main_fractalgen.main in-process with command-line style arguments."""
@@ -157,3 +169,29 @@ def no_leaked_process_state():
         after["environment"] = {k: after["environment"].get(k) for k in variables}
     pytest.fail("the test left process-wide state changed for the tests after it: " + "; ".join(
         f"{key}: {before[key]!r} -> {after[key]!r}" for key in changed))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """mount(size, readonly=False) -> a folder on a tmpfs of `size` (e.g. "3m") that really
+    fills up (or refuses writes): the real fault, not an injected error. Mounting needs
+    root; elsewhere the test is skipped, saying why. Unmounted after the test."""
+    import subprocess
+    mounted = []
+
+    def mount(size, readonly=False):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root (run the tests as root, e.g. in a container)")
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if readonly else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

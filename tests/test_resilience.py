@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine_fractalgen as engine
+from conftest import main_in_one_thread
 from util import checkpoint as ckpt_util
 from util import logs
 from util.misc import UserInputError
@@ -70,12 +71,8 @@ def logged_scalars(out):
 @pytest.fixture(scope="module")
 def straight(tiny_data, tmp_path_factory):
     """An uninterrupted 2-epoch run: the reference every interrupted run must equal."""
-    from main_fractalgen import get_args_parser, main
     out = str(tmp_path_factory.mktemp("straight"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    main(get_args_parser().parse_args(train_argv(tiny_data, out)))
-    torch.set_num_threads(threads)
+    main_in_one_thread(train_argv(tiny_data, out))
     return out
 
 
@@ -274,6 +271,79 @@ def test_a_stalled_rank_ends_the_job_on_the_healthy_one_within_the_timeout(tiny_
         f"error: rank 0: no answer from the other processes within --dist_timeout 0.1 min (one stalled or died; "
         f"see its log); stopping. The last checkpoint in {out} is intact: resume with --resume {out}")
     assert waited < 60
+
+
+def test_a_killed_rank_ends_the_job_on_the_healthy_one_with_one_line_within_seconds(tiny_data, tmp_path, child_env):
+    """kill -9 of rank 1 at its second step: rank 0 meets the broken connection in its next
+    collective and stops with one line, also while rank 1's DataLoader worker lives on."""
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(RANK_WRAPPER.format(repo=REPO))
+    out = str(tmp_path / "run")
+    procs = launch(wrapper, train_argv(tiny_data, out, "--batch_size", 2, epochs=1), child_env, fault="SIGKILL:1:2")
+    procs[1].wait(240)
+    died = time.monotonic()
+    code, stdout, stderr = finish(procs[:1], timeout=120)[0]
+    assert procs[1].returncode == -signal.SIGKILL
+    assert code == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: rank 0: lost the connection to another process (it died or was killed; see its log); stopping. The "
+        f"last checkpoint in {out} is intact: resume with --resume {out}")
+    assert time.monotonic() - died < 30
+
+
+LAUNCHER = """
+import json, os, subprocess, sys
+ranks = []
+for rank in range(2):
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    with open(os.path.join(sys.argv[1], f"rank{rank}.log"), "w") as log:
+        ranks.append(subprocess.Popen([sys.executable, *sys.argv[2:]], env=env, stdout=log, stderr=log))
+print(json.dumps([p.pid for p in ranks]), flush=True)
+for p in ranks:
+    p.wait()
+"""
+
+
+def gone(pid):
+    """Whether process `pid` has exited (it may linger as a zombie of whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_ranks_whose_launcher_died_stop_within_seconds_with_a_checkpoint(tiny_data, tmp_path, child_env):
+    """The launcher (as torchrun's agent killed by a signal it does not forward) dies while
+    its 2 ranks train a long run: they notice, stop together after the next step with a
+    checkpoint and one line each, instead of training on as orphans."""
+    wrapper, launcher = tmp_path / "rank.py", tmp_path / "launcher.py"
+    wrapper.write_text(RANK_WRAPPER.format(repo=REPO))
+    launcher.write_text(LAUNCHER)
+    out = str(tmp_path / "run")
+    env = dict(child_env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), FAULT="SIGKILL:0:2:parent")
+    proc = subprocess.Popen([sys.executable, str(launcher), str(tmp_path), str(wrapper),
+                             *train_argv(tiny_data, out, "--batch_size", 2, epochs=100)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    ranks = json.loads(proc.stdout.readline())
+    try:
+        assert proc.wait(240) == -signal.SIGKILL  # rank 0 killed it at its second step
+        died = time.monotonic()
+        while not all(gone(pid) for pid in ranks) and time.monotonic() - died < 60:
+            time.sleep(0.2)
+        assert all(gone(pid) for pid in ranks), "ranks trained on after their launcher died"
+    finally:
+        for pid in ranks:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    state = ckpt_util.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["train_state"]
+    assert state["epoch"] < 50  # within seconds: a few of the 100 epochs at most
+    for rank in range(2):
+        text = (tmp_path / f"rank{rank}.log").read_text()
+        assert "Traceback" not in text, text[-3000:]
+        assert (f"rank {rank}: stopped by the exit of its launcher (pid {proc.pid}) after step {state['step']} of 3 "
+                f"in epoch {state['epoch']}; {out}/checkpoint-last.pth holds this point") in text, text[-3000:]
 
 
 def test_rewind_drops_tensorboard_events_from_the_checkpoint_on(tmp_path):

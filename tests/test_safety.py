@@ -177,6 +177,48 @@ def test_bad_input_is_one_sentence_before_any_heavy_work(kind, run_main, no_heav
     assert not os.path.exists(out)
 
 
+# every flag value the reliability probe found giving a traceback or passing silently
+# (_train_args uses the AR model, which ignores the dropout flags: they are checked anyway)
+BAD_FLAGS = {
+    "seed -1": (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    "seed 2**70": (["--seed", str(2 ** 70)], f"--seed must be at most {2 ** 63 - 1} (torch seeds are 64-bit"),
+    "start_epoch -1": (["--start_epoch", "-1"], "--start_epoch must be at least 0, got -1"),
+    "warmup_epochs -1": (["--warmup_epochs", "-1"], "--warmup_epochs must be at least 0, got -1"),
+    "epochs 2**70": (["--epochs", str(2 ** 70)], "--epochs must be at most 2147483647 (a C int)"),
+    "num_workers 2**70": (["--num_workers", str(2 ** 70)], "--num_workers must be at most 1024 (processes per rank)"),
+    "device mps": (["--device", "mps"], "--device mps: this build of torch cannot use MPS"),
+    "device cpu:3": (["--device", "cpu:3"], "--device cpu:3: the CPU takes no device number; pass --device cpu"),
+    "attn_dropout nan": (["--attn_dropout", "nan"], "--attn_dropout must be a number in [0, 1), "
+                                                     "got nan"),
+    "proj_dropout nan": (["--proj_dropout", "nan"], "--proj_dropout must be a number in [0, 1)"),
+    "attn_dropout 1.5": (["--attn_dropout", "1.5"], "--attn_dropout must be a number in [0, 1)"),
+    "proj_dropout -1": (["--proj_dropout", "-1"], "--proj_dropout must be a number in [0, 1)"),
+    "label_drop_prob nan": (["--label_drop_prob", "nan"], "--label_drop_prob must be a number in [0, 1]"),
+    "label_drop_prob inf": (["--label_drop_prob", "inf"], "--label_drop_prob must be a number in [0, 1]"),
+    "label_drop_prob -1": (["--label_drop_prob", "-1"], "--label_drop_prob must be a number in [0, 1]"),
+    "label_drop_prob 1.5": (["--label_drop_prob", "1.5"], "--label_drop_prob must be a number in [0, 1]"),
+    "r_weight -1": (["--r_weight", "-1"], "--r_weight must be a finite number above 0, got -1"),
+    "r_weight 0": (["--r_weight", "0"], "--r_weight must be a finite number above 0, got 0"),
+    "r_weight nan": (["--r_weight", "nan"], "--r_weight must be a finite number above 0, got nan"),
+    "save_every_min 1e308": (["--save_every_min", "1e308"], "--save_every_min must be a number in [0, 525600]"),
+    "dist_timeout 1e-9": (["--dist_timeout", "1e-9"], "--dist_timeout must be a number in [0.0001, 1e+08]"),
+    "dist_timeout 1e30": (["--dist_timeout", "1e30"], "--dist_timeout must be a number in [0.0001, 1e+08]"),
+    "lr 1e308": (["--lr", "1e308"], "--lr must be at most 1"),
+    "blr makes lr > 1": (["--blr", "0.9", "--batch_size", "1024"], "the learning rate 3.6 (--blr 0.9 x effective "
+                                                                   "batch 1024 / 256) must be at most 1"),
+    "weight_decay 1e308": (["--weight_decay", "1e308"], "--weight_decay 1e+308 with learning rate 7.8125e-07 (--blr "
+                                                        "5e-05 x effective batch 4 / 256) would multiply every weight"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flags_are_one_sentence_before_anything_is_written(case, run_main, no_heavy_work, tiny_data, tmp_path):
+    flags, message = BAD_FLAGS[case]
+    out = str(tmp_path / "out")
+    _fails_with(run_main, _train_args(tiny_data, out, *flags), message)
+    assert not os.path.exists(out)
+
+
 def test_fid_files_are_needed_only_when_fid_is_computed(run_main, monkeypatch, tiny_data, tmp_path):
     monkeypatch.setattr(main_fractalgen, "train", lambda *args: {})
     missing = str(tmp_path / "missing")

@@ -3,16 +3,22 @@
     python -m util.check_data DATA                 # e.g. DATA/train and DATA/val, recursively
     python -m util.check_data DATA/train --workers 32
 
-Every file that torchvision's ImageFolder would load (its image extensions) is opened,
-fully decoded and converted to RGB by the loader training uses (util.data.load_rgb), in
-parallel worker processes. Each unreadable file is listed with the reason; the exit code
-is 1 when there is any, 0 when every image reads, 2 for a bad folder (also a split that
-mixes loose images with class folders). Each split is described first as training sees
-it: its class folders, or images without class folders (one class, unconditional).
+Each split is described first as training sees it: its class folders, or images without
+class folders (one class, unconditional). Every file that training would load
+(util.data.image_files: ImageFolder's image extensions, symlinked folders followed) is
+opened, fully decoded and converted to RGB by the function training uses
+(util.data.read_rgb), in parallel worker processes. Listed:
+each unreadable file (damaged, or a decompression bomb) and each symlink loop, with the
+reason, as training would stop on it; then how many images of each other mode were
+converted, and how (16-bit grey is scaled to 8 bits, alpha dropped, ...), as training
+converts them. The exit code is 1 when a file is unreadable or a folder loops, 0 when
+every image reads, 2 for a bad folder (also a split that mixes loose images with class
+folders).
 
 Training itself meets an unreadable image only when a DataLoader worker reaches it, which
 can be hours into an epoch; this scan costs one full decode per image, spread over the cores.
 """
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -22,19 +28,20 @@ import time
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util import cli
-from util.data import describe_split, load_rgb
+from util.data import describe_split, read_rgb
+from util.data import image_files as walk_image_files
 from util.misc import UserInputError, progress
 from util.validation import positive_int
 
 CHUNK = 64  # files handed to a worker at a time: few round trips, still an even spread
 
 
-def image_files(folder):
-    """Every file under `folder` (recursively, sorted) with an ImageFolder image extension."""
+def image_files(folder, loops=None):
+    """Every image file under `folder` that training would read (util.data.image_files);
+    symlink loops are appended to `loops` (a list) and skipped."""
     if not os.path.isdir(folder):
         raise UserInputError(f"{folder} is not a folder; give the dataset folder (e.g. DATA or DATA/train)")
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder, followlinks=True)
-                   for name in names if name.lower().endswith(IMG_EXTENSIONS))
+    files = walk_image_files(folder, loops=loops)
     if not files:
         raise UserInputError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
     return files
@@ -49,24 +56,31 @@ def describe_layout(folder):
 
 
 def check_image(path):
-    """(path, None) when the image decodes, else (path, why)."""
+    """(path, None, note) when the image decodes (note: how it was converted, or None),
+    else (path, why, None)."""
     try:
-        load_rgb(path)
+        return path, None, read_rgb(path)[1]
     except Exception as e:  # noqa: BLE001 -- any failure is a finding (PIL raises many kinds)
-        return path, str(e) if isinstance(e, UserInputError) else f"cannot read image {path} ({type(e).__name__}: {e})"
-    return path, None
+        why = str(e) if isinstance(e, UserInputError) else f"cannot read image {path} ({type(e).__name__}: {e})"
+        return path, why, None
 
 
 def scan(files, workers):
-    """{path: why} for every unreadable file of `files`, decoded by `workers` processes."""
+    """({path: why} for every unreadable file of `files`, {note: [paths]} for the converted
+    ones), decoded by `workers` processes."""
+    bad, converted = {}, collections.defaultdict(list)
     with contextlib.ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(multiprocessing.Pool(workers))
             results = pool.imap_unordered(check_image, files, chunksize=CHUNK)
         else:
             results = map(check_image, files)
-        return {path: why for path, why in progress(results, "checking images", total=len(files), unit="img")
-                if why is not None}
+        for path, why, note in progress(results, "checking images", total=len(files), unit="img"):
+            if why is not None:
+                bad[path] = why
+            elif note is not None:
+                converted[note].append(path)
+    return bad, converted
 
 
 def get_args_parser():
@@ -80,9 +94,10 @@ def get_args_parser():
 def main(argv=None):
     """Returns the exit code: 0 every image reads, 1 some do not, 2 bad arguments."""
     args = get_args_parser().parse_args(argv)
+    loops = []
     try:
         workers = positive_int("--workers", args.workers)
-        files = image_files(args.folder)
+        files = image_files(args.folder, loops)
         layout = describe_layout(args.folder)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -90,13 +105,19 @@ def main(argv=None):
     for line in layout:
         print(line)
     start = time.perf_counter()
-    bad = scan(files, min(workers, len(files)))
+    bad, converted = scan(files, min(workers, len(files)))
+    for problem in loops:
+        print(problem)
     for path in sorted(bad):
         print(bad[path])
+    for note, paths in sorted(converted.items()):
+        print(f"converted as training does: {len(paths)} image(s) of {note}, e.g. {min(paths)}")
     seconds = time.perf_counter() - start
+    problems = [f"{len(bad)} unreadable"] + ([f"{len(loops)} symlink loop(s)"] if loops else [])
     print(f"checked {len(files)} images under {args.folder} in {seconds:.1f} s with {min(workers, len(files))} "
-          f"process(es): {len(bad)} unreadable" + ("; remove or replace them before training" if bad else ""))
-    return 1 if bad else 0
+          f"process(es): {', '.join(problems)}, {sum(map(len, converted.values()))} converted"
+          + ("; remove or replace them before training" if bad or loops else ""))
+    return 1 if bad or loops else 0
 
 
 if __name__ == "__main__":

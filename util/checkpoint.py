@@ -11,17 +11,21 @@ name is the same for every save, so a later save overwrites what a killed one le
 (`remove_stale_temp_files` clears it at start). Loading (`load_checkpoint`, from
 models.loading: models.load_model reads checkpoints too) uses `torch.load(weights_only=True)`,
 which refuses arbitrary pickled code; argparse.Namespace is the only class allowed besides
-tensors and plain containers.
+tensors and plain containers. Before that, every record of the file's zip container is
+checked against the CRC-32 that torch.save stored with it (torch.load does not check it),
+so a flipped bit on disk or in a copy is found and, on resume, the previous checkpoint used.
 """
 import glob
 import os
 import threading
+import zipfile
+import zlib
 
 import torch
 
 import util.misc as misc
-from models.loading import (CHECKPOINT_NAME, SAFE_GLOBALS, SAMPLING_SOURCE, checkpoint_class_num,  # noqa: F401
-                            load_checkpoint, safe_load)
+from models.loading import (CHECKPOINT_NAME, SAFE_GLOBALS, SAMPLING_SOURCE, DamagedFileError,  # noqa: F401
+                            checkpoint_class_num, load_checkpoint, safe_load, verify_zip_records)
 from util import preempt
 from util.misc import UserInputError, writing
 
@@ -49,7 +53,7 @@ def save_checkpoint(state, path, keep_previous=False):
             # through a Python file object: a failed write raises OSError with its errno
             # (given a path, torch.save reports a full disk as 'unexpected pos')
             with open(tmp, "wb") as f:
-                torch.save(state, f)
+                _save_reporting_write_errors(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous and os.path.isfile(path):
@@ -84,6 +88,36 @@ def file_signature(path):
     except OSError:
         return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class _RecordingFile:
+    """A file for torch.save that remembers the first OSError of a write. torch's zip
+    writer does not pass it on: it fails later, when it closes the archive, with
+    RuntimeError('... unexpected pos ...')."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _save_reporting_write_errors(state, f):
+    """torch.save(state, f); a write that failed (disk full) raises its OSError."""
+    recording = _RecordingFile(f)
+    try:
+        torch.save(state, recording)
+    except RuntimeError:
+        if recording.error is None:
+            raise
+        raise recording.error from None
 
 
 def remove_stale_temp_files(folder):
@@ -172,23 +206,56 @@ def previous_path(path):
     return prev if os.path.isfile(prev) else None
 
 
-def load_latest_checkpoint(path, use_previous):
-    """(checkpoint, path it came from) for `path`, a checkpoint-last.pth. When that file is
-    missing or unreadable and a checkpoint-prev.pth lies beside it, `use_previous` loads
-    that instead, saying so; otherwise the error names the previous file as the way out."""
+def _load_usable(path, check):
+    ckpt = load_checkpoint(path)
+    if check is not None:
+        check(ckpt, path)
+    return ckpt
+
+
+def load_latest_checkpoint(path, use_previous, check=None):
+    """(checkpoint, path it came from) for `path`, a checkpoint-last.pth. check(ckpt, path),
+    when given, raises UserInputError for a checkpoint this run cannot use (another
+    model's). When `path` is missing, damaged or unusable and a checkpoint-prev.pth lies
+    beside it, `use_previous` loads that instead, saying so in one line; otherwise the
+    error names the previous file as the way out."""
+    prev = previous_path(path)
+    if prev is not None and not os.path.isfile(path):
+        problem = f"{path} is missing (a save was stopped between its two renames)"
+    else:
+        try:
+            return _load_usable(path, check), path
+        except UserInputError as e:
+            if prev is None:
+                raise
+            problem = misc.one_line(e).rstrip(".")
+    if not use_previous:
+        raise UserInputError(f"{problem}; the previous checkpoint {prev} is there: pass --resume {prev} "
+                             f"to use it")
     try:
-        return load_checkpoint(path), path
+        ckpt = _load_usable(prev, check)
     except UserInputError as e:
-        prev = previous_path(path)
-        if prev is None:
-            raise
-        if not use_previous:
-            raise UserInputError(f"{misc.one_line(e).rstrip('.')}; the previous checkpoint {prev} is there: "
-                                 f"pass --resume {prev} to use it") from None
-        misc.print0(f"warning: {misc.one_line(e)}; resuming from the previous checkpoint {prev} instead")
-        return load_checkpoint(prev), prev
+        raise UserInputError(f"{problem}, and the previous checkpoint cannot be used either: "
+                             f"{misc.one_line(e)}") from None
+    misc.print0(f"warning: {problem}; resuming from the previous checkpoint {prev} instead (one save earlier)")
+    return ckpt, prev
 
 
 def checkpoint_model_name(ckpt):
     """The --model a checkpoint was trained with, when its args say so."""
     return getattr(ckpt.get("args"), "model", None)
+
+
+def fingerprint(path):
+    """A short id of a checkpoint file's contents, at no cost: a CRC-32 over the checksums
+    its zip records carry (read from the archive's directory), else its size and
+    modification time (files without checksums)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            crcs = [f"{info.filename}:{info.CRC:08x}" for info in archive.infolist()]
+        if any(not crc.endswith(":00000000") for crc in crcs):
+            return f"crc32:{zlib.crc32(chr(10).join(crcs).encode()):08x}"
+    except (zipfile.BadZipFile, OSError):
+        pass
+    stat = os.stat(path)
+    return f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"

@@ -16,9 +16,16 @@ Images are read in the mode of the model's channel count (`IMAGE_MODES`: 1 L, 2 
 colour values; adding alpha makes the image opaque; a palette with transparency becomes
 RGBA first). `build_dataset` says once, from a sample of the files, which conversions the
 data needs. A model with more than four channels has no image file mode: it is refused.
+
+Training and `python -m util.check_data` find and read images with the same two functions,
+so they treat every file alike: `image_files` follows symlinked folders as ImageFolder does
+but refuses a symlink loop (which would read the same images again and again), and
+`read_image` decodes an image to 8 bits per channel, scaling 16-bit and float images instead of
+clipping them (before the conversion to the model's mode), and refusing decompression bombs.
 """
 import functools
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -35,7 +42,7 @@ MODE_SAMPLE = 64  # files whose mode build_dataset looks at to say what it conve
 
 
 class UnreadableImageError(UserInputError):
-    """An image file that PIL cannot decode."""
+    """An image file that PIL cannot decode (or will not: a decompression bomb)."""
 
 
 def image_mode(channels, what="a model"):
@@ -56,23 +63,143 @@ def convert_mode(img, mode):
     return img.convert(mode)
 
 
+class SymlinkLoopError(UserInputError):
+    """A symlinked folder that leads back to a folder containing it."""
+
+
+# How images of other modes become 8-bit RGB (read_image), as check_data reports it
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_rgb(path):
+    """read_image(path, "RGB"): (8-bit RGB PIL image, how it was converted or None)."""
+    return read_image(path, "RGB")
+
+
 def load_image_as(path, mode="RGB"):
-    """Read an image file in `mode`, naming the file when it cannot be decoded."""
+    """ImageFolder loader: the image of read_image(path, mode)."""
+    return read_image(path, mode)[0]
+
+
+def read_image(path, mode="RGB"):
+    """Decode an image file to 8 bits per channel in PIL `mode`. Returns (image, note): note
+    says how an RGB read converted the file (None for 8-bit RGB), e.g. '16-bit grey (I;16):
+    scaled to 8 bits'. 16-bit grey is scaled (PIL's convert would clip it: 60000 -> 255),
+    float images in [0, 1] are scaled to [0, 255], before any conversion to `mode`. A file
+    PIL cannot decode, or one of more pixels than PIL's decompression-bomb limit, raises
+    UnreadableImageError naming it."""
     try:
-        with open(path, "rb") as f:
-            if mode == "RGB":
-                return Image.open(f).convert("RGB")
-            img = Image.open(f)
-            img.load()  # decode now: the file closes on return
-            return convert_mode(img, mode)
+        with warnings.catch_warnings(record=True) as caught, open(path, "rb") as f:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(f)
+            image.load()
+        if mode == "RGB":
+            image, note = _to_rgb(image)
+        else:
+            image, note = _to_8bit(image)
+            image = convert_mode(image, mode)
+    except Image.DecompressionBombError as e:
+        raise UnreadableImageError(f"cannot read image {path}: it is a decompression bomb ({e}); PIL refuses "
+                                   f"to decode it; remove it or make it smaller") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); "
                                    f"remove or replace the file") from None
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        note = ", ".join(filter(None, [note, f"very large ({image.width}x{image.height} pixels, over PIL's "
+                                              f"warning limit): decoded, slowly"]))
+    return image, note
+
+
+def _to_8bit(image):
+    """(image with 8 bits per channel, how it was scaled or None): 16- and 32-bit grey are
+    shifted down, float grey in [0, 1] scaled to [0, 255]; other modes are returned as they are."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        bits = 16 if mode != "I" or values.max(initial=0) <= 0xFFFF else 32
+        grey = (np.clip(values, 0, 2 ** bits - 1) >> (bits - 8)).astype(np.uint8)
+        return Image.fromarray(grey, "L"), f"{bits}-bit grey ({mode}): scaled to 8 bits"
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255 if np.nanmax(values, initial=0) <= 1 else 1
+        grey = np.clip(np.nan_to_num(values) * scale, 0, 255).round().astype(np.uint8)
+        range_ = "[0, 1], scaled" if scale == 255 else "beyond [0, 1], clipped"
+        return Image.fromarray(grey, "L"), f"float grey (F) in {range_} to 8 bits"
+    return image, None
+
+
+def _to_rgb(image):
+    """(8-bit RGB image, how it was converted or None)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    grey, note = _to_8bit(image)
+    if note:
+        return grey.convert("RGB"), note
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return image.convert("RGB"), f"{mode} with transparency: alpha dropped"
+    what = {"L": "8-bit grey (L): copied to R, G and B", "P": "palette (P): colours looked up",
+            "1": "black and white (1): expanded"}.get(mode, f"{mode}: converted by PIL")
+    return image.convert("RGB"), what
 
 
 def load_rgb(path):
-    """ImageFolder loader of RGB images that names the file when it cannot be decoded."""
-    return load_image_as(path, "RGB")
+    """ImageFolder loader (training and NLL): read_rgb's image."""
+    return read_rgb(path)[0]
+
+
+def image_files(folder, loops=None):
+    """Every file under `folder` with an ImageFolder image extension, in ImageFolder's
+    order (folders by path, files by name). Symlinked folders are followed, as ImageFolder
+    does, except one that leads back to a folder containing it: that raises
+    SymlinkLoopError, or, when `loops` is a list, its sentence is appended and the link
+    skipped."""
+    found = []
+
+    def visit(path):
+        real = os.path.realpath(path)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk does
+            return
+        names = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                names.append(entry.name)
+                continue
+            target = os.path.realpath(entry.path)
+            if real == target or real.startswith(target.rstrip(os.sep) + os.sep):  # it contains this folder
+                problem = (f"{entry.path} is a symlink loop: it leads back to {target}, which contains it, so the "
+                           f"images below it would be read again and again; remove the link")
+                if loops is None:
+                    raise SymlinkLoopError(problem)
+                loops.append(problem)
+                continue
+            visit(entry.path)
+        found.append((path, [os.path.join(path, n) for n in names if n.lower().endswith(IMG_EXTENSIONS)]))
+
+    visit(os.fspath(folder))
+    return [file for _, files in sorted(found) for file in files]
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (same classes, same files, same order) whose files come
+    from `image_files`: a symlink loop is refused instead of read over and over."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, index in sorted(class_to_idx.items()):
+            files = image_files(os.path.join(directory, name))
+            if not files and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {name}")
+            samples += [(file, index) for file in files]
+        return samples
 
 
 def build_transform(img_size, mean=PIXEL_MEAN, std=PIXEL_STD):
@@ -84,7 +211,6 @@ def build_transform(img_size, mean=PIXEL_MEAN, std=PIXEL_STD):
     return transforms.Compose(steps)
 
 
-ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
 
 
@@ -238,7 +364,7 @@ def build_dataset(data_path, split, img_size, train, seed=0, channels=3, mean=PI
     (random flips drawn from `seed`, read with ResumableSampler's keys)."""
     mode = image_mode(channels)
     folder = split_dir(data_path, split)
-    kind = UnlabelledFolder if is_unlabelled(folder) else datasets.ImageFolder
+    kind = UnlabelledFolder if is_unlabelled(folder) else ImageFolder
     loader = load_rgb if mode == "RGB" else functools.partial(load_image_as, mode=mode)
     try:
         dataset = kind(folder, transform=build_transform(img_size, mean, std), loader=loader)

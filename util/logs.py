@@ -9,6 +9,7 @@ atomically (temp file, rename), so a crash while rewinding loses nothing either.
 import glob
 import json
 import os
+import threading
 
 from util.misc import replacing, writing
 
@@ -17,25 +18,43 @@ EVENTS_PATTERN = "events.out.tfevents.*"
 
 class LogWriter:
     """TensorBoard SummaryWriter whose failures (disk full, no permission; raised by its
-    writer thread on a later call) become one OutputWriteError naming the folder."""
+    writer thread on a later call) become one OutputWriteError naming the folder and
+    `flag`, the option that chose it (--log_dir, or --output_dir when that is the folder)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, flag="--log_dir"):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when logging
-        self.folder = folder
-        with writing(folder, "--log_dir"):
+        _quiet_writer_threads()
+        self.folder, self.flag = folder, flag
+        with writing(folder, flag):
             self.writer = SummaryWriter(log_dir=folder)
 
     def add_scalar(self, tag, value, step):
-        with writing(self.folder, "--log_dir"):
+        with writing(self.folder, self.flag):
             self.writer.add_scalar(tag, value, step)
 
     def flush(self):
-        with writing(self.folder, "--log_dir"):
+        with writing(self.folder, self.flag):
             self.writer.flush()
 
     def close(self):
-        with writing(self.folder, "--log_dir"):
+        with writing(self.folder, self.flag):
             self.writer.close()
+
+
+def _quiet_writer_threads():
+    """Keep threading's 'Exception in thread' traceback of TensorBoard's writer thread off
+    the terminal: the thread keeps its error, and the next call on the writer raises it in
+    the main thread, where LogWriter turns it into one sentence."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    if getattr(threading.excepthook, "quiet_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def append_line(path, entry):

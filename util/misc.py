@@ -37,6 +37,23 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective waited longer than --dist_timeout: another rank stalled or died."""
 
 
+# How gloo and NCCL word a collective that failed because another process went away
+# (killed, crashed) rather than being slow
+_LOST_PEER = ("connection reset", "connection closed", "broken pipe", "connection refused", "remote process exited",
+              "socket closed", "read error", "write error", "ncclremoteerror")
+
+
+def collective_failure(exc):
+    """'timeout' when a collective's RuntimeError says the others did not answer in time,
+    'lost' when the connection to another process broke (it died), else None."""
+    text = str(exc).lower()
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if any(words in text for words in _LOST_PEER):
+        return "lost"
+    return None
+
+
 # (reason, fix) for the errors a user can do something about
 _WRITE_ERRORS = {
     errno.ENOSPC: ("no space left on the device", "free space there or pass {flag} on another disk"),
@@ -173,18 +190,24 @@ def init_distributed_mode(args):
     if not args.distributed:
         return device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", DIST_TIMEOUT_MINUTES))
-    dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank,
-                            timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    minutes = getattr(args, "dist_timeout", DIST_TIMEOUT_MINUTES)
+    try:
+        dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(minutes=minutes),
+                                device_id=device if device.type == "cuda" else None)
+    except RuntimeError as e:  # torch.distributed's DistNetworkError / DistStoreError: nobody answered
+        raise UserInputError(f"rank {rank}: could not join the other {world_size - 1} process(es) at {url} within "
+                             f"--dist_timeout {minutes:g} min ({one_line(e).rstrip('.')}); check MASTER_ADDR / "
+                             f"MASTER_PORT, and raise --dist_timeout when the processes start far apart") from None
     print0(f"distributed: {world_size} processes, backend {backend}, init {url}")
     dist.barrier()
     return device
 
 
-def rank0_first(fn, what, device):
-    """Run fn on rank 0, then on the other ranks, for work that fills a cache the others
-    then find (a download). A failure on rank 0 stops every rank, none is left waiting."""
+def rank0_first(fn, what, device, then_others=True):
+    """Run fn on rank 0, then (then_others) on the other ranks, for work that fills a cache
+    the others then find (a download). A failure on rank 0 stops every rank, none is left
+    waiting."""
     error = None
     if is_main_process():
         try:
@@ -196,7 +219,7 @@ def rank0_first(fn, what, device):
         raise error
     if failed:
         raise UserInputError(f"rank 0 could not {what}; its error message says why")
-    if not is_main_process():
+    if then_others and not is_main_process():
         fn()
 
 

@@ -13,7 +13,7 @@ import difflib
 import torch
 
 from models.checks import (check_sampling_args, finite_nonnegative, finite_positive,  # noqa: F401 (shared checks)
-                           parse_num_iter_list, positive_int)
+                           fraction, number_in, parse_num_iter_list, positive_int)
 from models.config import CONFIGS, get_config, is_config_file
 from models.errors import UserInputError
 
@@ -107,9 +107,96 @@ def check_device(name, flag="--device"):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserInputError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                                  f"pick cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "cpu":
+        if device.index not in (None, 0):
+            raise UserInputError(f"{flag} {name}: the CPU takes no device number; pass {flag} cpu (--threads "
+                                 f"sets how many cores it uses)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserInputError(f"{flag} {name}: this build of torch cannot use MPS (Apple GPUs) on this machine; "
+                                 f"pass {flag} cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+    else:
         raise UserInputError(f"{flag} {name}: only cpu and cuda devices are supported")
     return device
+
+
+# Ranges of main_fractalgen.py's numeric flags, all checked before anything is read or
+# written -- also those a model ignores (AR levels keep their fixed dropout), so a typo
+# never passes silently. Whole numbers: (lowest, highest, why); None: not given, skipped.
+# (--num_conds and --img_size are the model's to check: models.checks.check_architecture
+# and check_img_size, on the meta device, before anything is read.)
+INT_LIMIT = 2 ** 31 - 1  # counts beyond a C int overflow inside torch and numpy
+_COUNT = (1, INT_LIMIT, " (a C int)")
+MAIN_INT_FLAGS = {
+    "batch_size": _COUNT, "epochs": _COUNT, "gen_bsz": _COUNT, "num_images": _COUNT, "nll_bsz": _COUNT,
+    "nll_forward_number": _COUNT, "eval_freq": _COUNT, "save_last_freq": _COUNT, "img_size": _COUNT,
+    "world_size": _COUNT,
+    "start_epoch": (0, INT_LIMIT, " (a C int)"), "warmup_epochs": (0, INT_LIMIT, " (a C int)"),
+    "save_every_steps": (0, INT_LIMIT, " (a C int; 0: off)"),
+    "seed": (0, 2 ** 63 - 1, " (torch seeds are 64-bit; the data order adds the epoch)"),
+    "num_workers": (0, 1024, " (processes per rank)"),
+    "class_num": (1, 1_000_000, " (one embedding row per class)"),
+    "requeue_exit_code": (0, 255, " (a process exit status)"),
+    "local_rank": (-1, INT_LIMIT, ""),
+}
+# Probabilities: whether 1 is allowed (models.checks.fraction, as in configuration files).
+MAIN_PROBABILITY_FLAGS = {"attn_dropout": False, "proj_dropout": False, "label_drop_prob": True}
+# Other numbers: (low, high, interval, why). Learning rates, decay, clipping, the red
+# channel's loss weight and the sampling settings have their own checks (finite, positive
+# or not negative).
+MINUTES_PER_YEAR = 525_600
+MAIN_FLOAT_FLAGS = {
+    "save_every_min": (0, MINUTES_PER_YEAR, "[]", " (minutes, at most a year; 0: off)"),
+    "dist_timeout": (1e-4, 1e8, "[]", " (minutes; the backends count whole milliseconds, and overflow int64 "
+                                      "nanoseconds beyond 1e8 minutes)"),
+}
+
+
+_LR_WHY = " (AdamW moves every weight by about the learning rate at each step)"
+
+
+def _at_most(flag, x, high, why):
+    if x > high:
+        raise UserInputError(f"{flag} must be at most {high:g}{why}, got {x:g}")
+    return x
+
+
+def check_learning_rate(lr, weight_decay, origin="--lr"):
+    """The learning rate a run trains with (`origin` says where it came from, e.g.
+    "--blr 0.5 x 2048 / 256") at most 1, and AdamW's decoupled weight decay, which
+    multiplies every weight by (1 - lr x weight_decay) at each step, below 1/lr."""
+    if lr > 1:
+        raise UserInputError(f"the learning rate {lr:g} ({origin}) must be at most 1{_LR_WHY}")
+    if lr * weight_decay >= 1:
+        raise UserInputError(f"--weight_decay {weight_decay:g} with learning rate {lr:g} ({origin}) would multiply "
+                             f"every weight by 1 - lr x weight_decay <= 0 at each step; use a weight decay below "
+                             f"1/lr = {1 / lr:g}")
+
+
+def check_main_flags(args):
+    """Every numeric flag of main_fractalgen.py in its range (MAIN_INT_FLAGS,
+    MAIN_PROBABILITY_FLAGS, MAIN_FLOAT_FLAGS), the learning rates, the sampling settings
+    and the device: one sentence for the first bad one (flags left at None, "take the
+    configuration's", are skipped). Converts args.num_iter_list to a tuple."""
+    for name, (low, high, why) in MAIN_INT_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            positive_int(f"--{name}", getattr(args, name), minimum=low, maximum=high, why=why)
+    for name, one_allowed in MAIN_PROBABILITY_FLAGS.items():
+        if getattr(args, name) is not None:
+            fraction(f"--{name}", getattr(args, name), top_inclusive=one_allowed)
+    for name, (low, high, interval, why) in MAIN_FLOAT_FLAGS.items():
+        number_in(f"--{name}", getattr(args, name), low, high, interval, why)
+    for name in ("blr", "lr"):
+        if getattr(args, name) is not None:
+            _at_most(f"--{name}", finite_positive(f"--{name}", getattr(args, name)), 1, _LR_WHY)
+    _at_most("--min_lr", finite_nonnegative("--min_lr", args.min_lr), 1, _LR_WHY)
+    if args.r_weight is not None:
+        finite_positive("--r_weight", args.r_weight)
+    for name in ("weight_decay", "grad_clip"):
+        finite_nonnegative(f"--{name}", getattr(args, name))
+    args.num_iter_list = parse_num_iter_list(args.num_iter_list)
+    check_sampling_args(args.temperature, args.cfg, args.filter_threshold)
+    check_device(args.device)
 
 
 # What the fast-sampler flags accept (demo/sample.py --fast, main_fractalgen.py
