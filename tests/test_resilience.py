@@ -346,6 +346,33 @@ def test_ranks_whose_launcher_died_stop_within_seconds_with_a_checkpoint(tiny_da
                 f"in epoch {state['epoch']}; {out}/checkpoint-last.pth holds this point") in text, text[-3000:]
 
 
+def test_torchrun_killed_by_a_signal_it_does_not_forward_leaves_no_orphans(tiny_data, tmp_path, child_env):
+    """The issue's case: SIGUSR1 to torchrun's agent (no --signals-to-handle) kills the
+    agent. Its 2 ranks must stop within seconds, with a checkpoint and one line each,
+    instead of training on as orphans."""
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(RANK_WRAPPER.format(repo=REPO))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           *train_argv(tiny_data, out, "--batch_size", 2, epochs=100)]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=dict(child_env, FAULT="SIGUSR1:0:2:parent"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = agent.communicate(timeout=150)  # the pipes close when the ranks have exited too
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)  # orphans, if any, are still in the agent's session
+        except ProcessLookupError:
+            pass
+    assert agent.returncode == -signal.SIGUSR1
+    assert "Traceback" not in stderr, stderr[-3000:]
+    state = ckpt_util.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["train_state"]
+    assert state["epoch"] < 50  # within seconds: a few of the 100 epochs at most
+    for rank in range(2):
+        assert (f"rank {rank}: stopped by the exit of its launcher (pid {agent.pid}) after step {state['step']} of 3 "
+                f"in epoch {state['epoch']}; {out}/checkpoint-last.pth holds this point") in stdout, stdout[-3000:]
+
+
 def test_rewind_drops_tensorboard_events_from_the_checkpoint_on(tmp_path):
     """A checkpoint after step 1 of epoch 1 (3 steps an epoch): the dead run's steps from
     there on, and evaluations of epoch 1 and later, go; earlier ones stay."""

@@ -11,6 +11,7 @@ from PIL import Image
 import main_fractalgen
 from models import create_model
 from util import check_data, fid_stats
+from util.misc import UserInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +186,8 @@ BAD_FLAGS = {
     "start_epoch -1": (["--start_epoch", "-1"], "--start_epoch must be at least 0, got -1"),
     "warmup_epochs -1": (["--warmup_epochs", "-1"], "--warmup_epochs must be at least 0, got -1"),
     "epochs 2**70": (["--epochs", str(2 ** 70)], "--epochs must be at most 2147483647 (a C int)"),
-    "num_workers 2**70": (["--num_workers", str(2 ** 70)], "--num_workers must be at most 1024 (processes per rank)"),
+    "num_workers 2**70": (["--num_workers", str(2 ** 70)], f"--num_workers {2 ** 70} is more worker processes than "
+                                                           f"this machine can use"),
     "device mps": (["--device", "mps"], "--device mps: this build of torch cannot use MPS"),
     "device cpu:3": (["--device", "cpu:3"], "--device cpu:3: the CPU takes no device number; pass --device cpu"),
     "attn_dropout nan": (["--attn_dropout", "nan"], "--attn_dropout must be a number in [0, 1), "
@@ -217,6 +219,37 @@ def test_bad_flags_are_one_sentence_before_anything_is_written(case, run_main, n
     out = str(tmp_path / "out")
     _fails_with(run_main, _train_args(tiny_data, out, *flags), message)
     assert not os.path.exists(out)
+
+
+def test_worker_counts_are_bounded_by_the_cores_before_any_worker_starts(run_main, no_heavy_work, tiny_data, tmp_path,
+                                                                        monkeypatch, capsys):
+    """--num_workers 2**70 once forked DataLoader workers until memory ran out. Every flag
+    that starts worker processes is bounded by the cores (4 each, at least 16). With one
+    core here the bound is 16, and 17 is refused: a value that would start no storm even
+    if a check were gone."""
+    from util import sweep, validation
+    monkeypatch.setattr(validation, "usable_cpus", lambda: 1)
+    assert validation.worker_count("--num_workers", 16) == 16
+    monkeypatch.setattr(validation, "usable_cpus", lambda: 8)
+    assert validation.worker_count("--num_workers", 32) == 32  # 4 per core above the floor
+    with pytest.raises(UserInputError, match="^--num_workers 33 is more worker processes than this machine can use: "
+                                             r"it gives this process 8 CPU core\(s\), so at most 32 \(each worker is "
+                                             r"a process with its own memory\); pass --num_workers 8$"):
+        validation.worker_count("--num_workers", 33)
+    monkeypatch.setattr(validation, "usable_cpus", lambda: 1)
+    out = str(tmp_path / "out")
+    _fails_with(run_main, _train_args(tiny_data, out, "--num_workers", 17), "--num_workers 17 is more worker "
+                "processes than this machine can use: it gives this process 1 CPU core(s), so at most 16")
+    assert not os.path.exists(out)
+    stats = str(tmp_path / "stats.npz")
+    _fails_with(lambda *a: fid_stats.main(list(a)), ["--images", tiny_data, "--out", stats, "--num_workers", "17"],
+                "--num_workers 17 is more worker processes")
+    _fails_with(lambda *a: sweep.main(list(a)), ["--resume", str(tmp_path), "--fid_stats_path", stats,
+                                                 "--num_workers", "17"], "--num_workers 17 is more worker processes")
+    assert not os.path.exists(stats)
+    capsys.readouterr()
+    assert check_data.main([tiny_data, "--workers", "17"]) == 2
+    assert "error: --workers 17 is more worker processes than this machine can use" in capsys.readouterr().err
 
 
 def test_fid_files_are_needed_only_when_fid_is_computed(run_main, monkeypatch, tiny_data, tmp_path):

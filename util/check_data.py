@@ -31,7 +31,7 @@ from util import cli
 from util.data import describe_split, read_rgb
 from util.data import image_files as walk_image_files
 from util.misc import UserInputError, progress
-from util.validation import positive_int
+from util.validation import usable_cpus, worker_count
 
 CHUNK = 64  # files handed to a worker at a time: few round trips, still an even spread
 
@@ -86,7 +86,7 @@ def scan(files, workers):
 def get_args_parser():
     parser = cli.ArgumentParser(description="List every image under a folder that cannot be decoded.")
     parser.add_argument("folder", help="dataset folder, searched recursively (e.g. DATA, DATA/train)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
                         help="decoding processes (default: one per CPU core)")
     return parser
 
@@ -96,7 +96,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     loops = []
     try:
-        workers = positive_int("--workers", args.workers)
+        workers = worker_count("--workers", args.workers, minimum=1)
         files = image_files(args.folder, loops)
         layout = describe_layout(args.folder)
     except UserInputError as e:

@@ -35,7 +35,7 @@ def main(argv=None):
         # every flag and the Inception weights are checked before any image is read
         device = validation.check_device(args.device)
         validation.positive_int("--batch_size", args.batch_size)
-        validation.positive_int("--num_workers", args.num_workers, minimum=0)
+        validation.worker_count("--num_workers", args.num_workers)
         if args.img_size is not None:
             validation.positive_int("--img_size", args.img_size)
         inception = fid.build_inception(device, args.inception_weights)

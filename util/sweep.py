@@ -101,7 +101,7 @@ def check_flags(args):
     validation.check_sampling_args(filter_threshold=args.filter_threshold)
     for flag in ("num_images", "gen_bsz", "sheet_images"):
         validation.positive_int(f"--{flag}", getattr(args, flag))
-    validation.positive_int("--num_workers", args.num_workers, minimum=0)
+    validation.worker_count("--num_workers", args.num_workers)
     if args.threads is not None:
         validation.positive_int("--threads", args.threads)
     if args.data_path is None and args.fid_stats_path is None:

@@ -9,6 +9,7 @@ Each check raises `UserInputError` (a ValueError) whose message names the flag, 
 value and what to give instead; `flag` is how the value is called where it came from
 ("--temperature" on a command line, "temperature" in Python)."""
 import difflib
+import os
 
 import torch
 
@@ -134,7 +135,6 @@ MAIN_INT_FLAGS = {
     "start_epoch": (0, INT_LIMIT, " (a C int)"), "warmup_epochs": (0, INT_LIMIT, " (a C int)"),
     "save_every_steps": (0, INT_LIMIT, " (a C int; 0: off)"),
     "seed": (0, 2 ** 63 - 1, " (torch seeds are 64-bit; the data order adds the epoch)"),
-    "num_workers": (0, 1024, " (processes per rank)"),
     "class_num": (1, 1_000_000, " (one embedding row per class)"),
     "requeue_exit_code": (0, 255, " (a process exit status)"),
     "local_rank": (-1, INT_LIMIT, ""),
@@ -173,6 +173,35 @@ def check_learning_rate(lr, weight_decay, origin="--lr"):
                              f"1/lr = {1 / lr:g}")
 
 
+# Worker processes (DataLoader workers, decoding pools): more than a few per core cannot
+# read faster, and each one is a process with its own memory -- a huge count forks until
+# the machine runs out of memory. The bound: WORKERS_PER_CORE per usable core, at least
+# MIN_WORKER_LIMIT (so the official default of 10 passes on a laptop).
+WORKERS_PER_CORE = 4
+MIN_WORKER_LIMIT = 16
+
+
+def usable_cpus():
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(flag, value, minimum=0):
+    """A number of worker processes: a whole number >= minimum and at most
+    max(MIN_WORKER_LIMIT, WORKERS_PER_CORE x usable cores), checked before any is started."""
+    n = positive_int(flag, value, minimum=minimum)
+    cpus = usable_cpus()
+    limit = max(MIN_WORKER_LIMIT, WORKERS_PER_CORE * cpus)
+    if n > limit:
+        raise UserInputError(f"{flag} {n} is more worker processes than this machine can use: it gives this process "
+                             f"{cpus} CPU core(s), so at most {limit} (each worker is a process with its own memory); "
+                             f"pass {flag} {min(cpus, limit)}")
+    return n
+
+
 def check_main_flags(args):
     """Every numeric flag of main_fractalgen.py in its range (MAIN_INT_FLAGS,
     MAIN_PROBABILITY_FLAGS, MAIN_FLOAT_FLAGS), the learning rates, the sampling settings
@@ -181,6 +210,7 @@ def check_main_flags(args):
     for name, (low, high, why) in MAIN_INT_FLAGS.items():
         if getattr(args, name, None) is not None:
             positive_int(f"--{name}", getattr(args, name), minimum=low, maximum=high, why=why)
+    worker_count("--num_workers", args.num_workers)
     for name, one_allowed in MAIN_PROBABILITY_FLAGS.items():
         if getattr(args, name) is not None:
             fraction(f"--{name}", getattr(args, name), top_inclusive=one_allowed)
