@@ -516,7 +516,8 @@ def check_resume_changes(ckpt, path, args, num_train_images, steps_per_epoch):
     batch layout) is said in one line; a checkpoint in the middle of an epoch then resumes
     at the start of that epoch (the rest of the old order is not defined), by setting its
     position to step 0. Another learning-rate recipe stops the run with one line, unless
-    --allow_recipe_change (then it is said). Another --epochs (cosine schedule) is said."""
+    --allow_recipe_change (then it is said); a learning rate that follows the effective
+    batch from the same --blr is said. Another --epochs (cosine schedule) is said."""
     saved, state = checkpoint_args(ckpt), dict(ckpt.get("train_state") or {})
     if "optimizer" not in ckpt or "epoch" not in ckpt:  # weights only: a fresh start, nothing continues
         return
@@ -525,14 +526,20 @@ def check_resume_changes(ckpt, path, args, num_train_images, steps_per_epoch):
                       ("--batch_size", state.get("batch_size", saved.get("batch_size")), args.batch_size),
                       ("processes", state.get("world_size", saved.get("world_size")), misc.get_world_size()),
                       ("steps per epoch", state.get("steps_per_epoch"), steps_per_epoch)])
+    old_layout = (state.get("batch_size", saved.get("batch_size")), state.get("world_size", saved.get("world_size")))
+    follows = _lr_follows_batch(saved, args, *old_layout)
     recipe = _changes([(("" if name == "lr" else "--") + name, saved.get(name), getattr(args, name))
-                       for name in RECIPE_FLAGS])
+                       for name in RECIPE_FLAGS if not (follows and name == "lr")])
     if recipe and not args.allow_recipe_change:
         raise UserInputError(f"{path} was trained with another recipe ({', '.join(recipe)}): resuming would train "
                              f"on with other learning rates than the run it continues; rerun with its values, or "
                              f"pass --allow_recipe_change to go on with the new ones")
     if recipe:
         print0(f"warning: training on from {path} with another recipe: {', '.join(recipe)}")
+    lr = _changes([("lr", saved.get("lr"), args.lr)]) if follows else []
+    if lr:
+        print0(f"note: the learning rate follows the effective batch (--blr {args.blr:g} x "
+               f"{args.batch_size * misc.get_world_size()} / 256): {lr[0]}")
     epochs = _changes([("--epochs", saved.get("epochs"), args.epochs)])
     if epochs and args.lr_schedule == "cosine":
         print0(f"note: {epochs[0]} stretches the cosine learning-rate schedule of {path} from here on")
@@ -547,6 +554,20 @@ def check_resume_changes(ckpt, path, args, num_train_images, steps_per_epoch):
     else:
         print0(f"note: the data order differs from the run {path} continues ({', '.join(order)}), from epoch "
                f"{position['epoch']} on")
+
+
+def _lr_follows_batch(saved, args, old_batch, old_world):
+    """Whether both runs take the learning rate from the same --blr by the official rule
+    (--blr x effective batch / 256), so that another learning rate comes only from another
+    batch layout (e.g. a job requeued on fewer GPUs), which is no change of recipe."""
+    def rule(blr, batch, world):
+        return blr * batch * world / 256
+    try:
+        return (math.isclose(saved["blr"], args.blr, rel_tol=1e-9)
+                and math.isclose(saved["lr"], rule(saved["blr"], old_batch, old_world), rel_tol=1e-9)
+                and math.isclose(args.lr, rule(args.blr, args.batch_size, misc.get_world_size()), rel_tol=1e-9))
+    except (KeyError, TypeError):  # an official checkpoint's args may lack them
+        return False
 
 
 def _changes(pairs):
