@@ -80,8 +80,8 @@ def safe_load(path, what, allowed=(), mmap=False):
         raise UserInputError(f"{what} {path} does not exist")
     kind = not_a_torch_file(path)
     if kind:
-        raise UserInputError(f"cannot read {what} {path}: it is {kind}; pass the {what} file itself (.pth) or "
-                             f"the folder that holds it")
+        raise NotATorchFileError(f"cannot read {what} {path}: it is {kind}",
+                                 f"pass the {what} file itself (.pth) or the folder that holds it")
     try:
         with torch.serialization.safe_globals(list(allowed)):
             if mmap and zipfile.is_zipfile(path):
@@ -105,6 +105,15 @@ def safe_load(path, what, allowed=(), mmap=False):
 
 # how torch's weights-only unpickler refuses an object it does not allow (besides a GLOBAL)
 _OBJECT_REFUSALS = ("Can only create new object", "Can only build")
+
+
+class NotATorchFileError(UserInputError):
+    """A file that is plainly no torch.save file (empty, an image, text). `problem` says what
+    it is without the advice, for a caller that has its own way out (a previous checkpoint)."""
+
+    def __init__(self, problem, advice):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
 
 
 class DamagedFileError(UserInputError):

@@ -121,13 +121,11 @@ def flip_tensor_byte(path, record=3):
 
 
 DAMAGES = {
-    "text": (lambda p: open(p, "wb").write(b"hello\n"), r"cannot read checkpoint .*: it is truncated, damaged or "
-                                                          r"not a PyTorch file \(KeyError: 101\)"),
+    "text": (lambda p: open(p, "wb").write(b"hello\n"), r"cannot read checkpoint .*: it is not a file torch.save "
+                                                          r"wrote"),
     "random bytes": (lambda p: open(p, "wb").write(random.Random(0).randbytes(5000)),
-                     r"cannot read checkpoint .*: it is damaged or not a PyTorch file \(UnpicklingError: "
-                     r"Unsupported operand \d+\)"),
-    "empty": (lambda p: open(p, "wb").close(), r"cannot read checkpoint .*: it is truncated, damaged or not a "
-                                                 r"PyTorch file \(EOFError\)"),
+                     r"cannot read checkpoint .*: it is not a file torch.save wrote"),
+    "empty": (lambda p: open(p, "wb").close(), r"cannot read checkpoint .*: it is empty"),
     "truncated": (lambda p: os.truncate(p, os.path.getsize(p) // 2),
                   r"cannot read checkpoint .*: it is truncated, damaged or not a PyTorch file \(RuntimeError: "
                   r"PytorchStreamReader failed reading zip archive: failed finding central directory\)"),
@@ -162,7 +160,7 @@ def test_both_checkpoints_damaged_is_one_sentence(two_checkpoints, tmp_path):
     flip_tensor_byte(os.path.join(out, "checkpoint-last.pth"))
     open(os.path.join(out, "checkpoint-prev.pth"), "wb").write(b"hello\n")
     with pytest.raises(UserInputError, match=r"^checkpoint .*last\.pth is damaged: .*, and the previous checkpoint "
-                                             r"cannot be used either: cannot read checkpoint .*prev\.pth: .*KeyError"):
+                                             r"cannot be used either: cannot read checkpoint .*prev\.pth: it is not a file torch.save wrote"):
         ckpt_util.load_latest_checkpoint(os.path.join(out, "checkpoint-last.pth"), use_previous=True)
 
 

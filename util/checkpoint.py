@@ -228,7 +228,7 @@ def load_latest_checkpoint(path, use_previous, check=None):
         except UserInputError as e:
             if prev is None:
                 raise
-            problem = misc.one_line(e).rstrip(".")
+            problem = getattr(e, "problem", None) or misc.one_line(e).rstrip(".")  # without its own advice
     if not use_previous:
         raise UserInputError(f"{problem}; the previous checkpoint {prev} is there: pass --resume {prev} "
                              f"to use it")

@@ -242,7 +242,7 @@ def describe_conversions(samples, mode, root, limit=MODE_SAMPLE):
         try:
             with Image.open(path) as img:
                 modes[img.mode] = modes.get(img.mode, 0) + 1
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue  # the loader names an unreadable file when it meets it
     checked = sum(modes.values())
     for source, count in sorted(modes.items()):
@@ -388,7 +388,7 @@ def upscaling_warning(dataset, img_size, suggest=lambda size: (), sample=UPSCALE
         try:
             with Image.open(path) as img:
                 sides.append(min(img.size))
-        except (OSError, ValueError, SyntaxError):  # unreadable: util.check_data reports those
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # unreadable: util.check_data reports those
             continue
     small = sorted(side for side in sides if side < img_size)
     if not sides or 2 * len(small) <= len(sides):

@@ -86,7 +86,7 @@ def activation_bytes_per_image(model, device, precision="fp32"):
             model.train()
             for generator in checkpointed:
                 generator.grad_checkpointing = False
-            images = torch.randn(1, 3, size, size, device=device)
+            images = torch.randn(1, model.in_channels, size, size, device=device)
             labels = torch.zeros(1, dtype=torch.long, device=device)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(device, precision):
                 loss = model(images, labels)
