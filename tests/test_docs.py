@@ -11,6 +11,7 @@ import os
 import re
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
 import warnings
@@ -91,6 +92,8 @@ def run_help(script, argv):
     """The script's parser reads argv + --help in this process: (exit code, help text, errors)."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv[:]
+    # run as __main__, main_fractalgen.py installs its start-up signal handlers: put them back
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     sys.argv = [script, *argv, "--help"]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
@@ -104,6 +107,8 @@ def run_help(script, argv):
         code = e.code
     finally:
         sys.argv = saved
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return code, out.getvalue(), err.getvalue()
 
 

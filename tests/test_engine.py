@@ -354,7 +354,7 @@ def test_generation_passes_fast_sampling_to_generate(flag, fast):
     import engine_fractalgen
 
     class Recorder(torch.nn.Module):
-        img_size = 4
+        img_size, in_channels = 4, 3
 
         def __init__(self):
             super().__init__()
