@@ -113,7 +113,10 @@ def server(browser, ckpt, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    # a browser closed while an upload still streams makes starlette log ClientDisconnect: not a server fault
+    tracebacks = [part for part in log.split("Traceback")[1:] if "ClientDisconnect" not in part]
+    assert not tracebacks, log[-3000:]
 
 
 @pytest.fixture
