@@ -78,8 +78,13 @@ def read_rgb(path):
 
 
 def load_image_as(path, mode="RGB"):
-    """ImageFolder loader: the image of read_image(path, mode)."""
+    """ImageFolder loader (training and NLL): the image of read_image(path, mode)."""
     return read_image(path, mode)[0]
+
+
+def load_rgb(path):
+    """load_image_as(path, "RGB")."""
+    return load_image_as(path, "RGB")
 
 
 def read_image(path, mode="RGB"):
@@ -142,11 +147,6 @@ def _to_rgb(image):
     what = {"L": "8-bit grey (L): copied to R, G and B", "P": "palette (P): colours looked up",
             "1": "black and white (1): expanded"}.get(mode, f"{mode}: converted by PIL")
     return image.convert("RGB"), what
-
-
-def load_rgb(path):
-    """ImageFolder loader (training and NLL): read_rgb's image."""
-    return read_rgb(path)[0]
 
 
 def image_files(folder, loops=None):
@@ -365,7 +365,7 @@ def build_dataset(data_path, split, img_size, train, seed=0, channels=3, mean=PI
     mode = image_mode(channels)
     folder = split_dir(data_path, split)
     kind = UnlabelledFolder if is_unlabelled(folder) else ImageFolder
-    loader = load_rgb if mode == "RGB" else functools.partial(load_image_as, mode=mode)
+    loader = functools.partial(load_image_as, mode=mode)  # a partial pickles for DataLoader workers
     try:
         dataset = kind(folder, transform=build_transform(img_size, mean, std), loader=loader)
     except FileNotFoundError as e:  # ImageFolder: a class folder without any image
